@@ -1,0 +1,80 @@
+//! The command line: one binary with the subcommands of DESIGN.md §2. Every
+//! flag can also be set through a `SALESLAYER_*` environment variable. This
+//! module only parses; `main.rs` dispatches.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Keeps Sales Layer integrations under the account's rate limit.
+#[derive(Debug, Parser)]
+#[command(name = "saleslayer-operator", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the controller, the admission webhook, the quota API and /metrics.
+    Run(RunArgs),
+    /// Print the SalesLayerIntegration CRD as YAML.
+    Crd,
+    /// Run the per-pod sidecar that paces, retries and reports.
+    Proxy(ProxyArgs),
+    /// Run a stand-in for the Sales Layer API that enforces a rate limit per API key.
+    Simulate(SimulateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Kubeconfig to use; else KUBECONFIG, else the in-cluster config.
+    #[arg(long, env = "SALESLAYER_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Namespace of the operator's own Secret and Lease.
+    #[arg(long, env = "SALESLAYER_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Address of the admission webhook (HTTPS).
+    #[arg(long, env = "SALESLAYER_WEBHOOK_BIND", default_value = "0.0.0.0:9443")]
+    pub webhook_bind: SocketAddr,
+    /// Out of cluster: register a MutatingWebhookConfiguration pointing at this URL.
+    #[arg(long, env = "SALESLAYER_WEBHOOK_URL")]
+    pub webhook_url: Option<String>,
+    /// Address of the quota API (HTTPS).
+    #[arg(long, env = "SALESLAYER_QUOTA_BIND", default_value = "0.0.0.0:8443")]
+    pub quota_bind: SocketAddr,
+    /// Address of /metrics, /healthz and /readyz (HTTP).
+    #[arg(long, env = "SALESLAYER_METRICS_BIND", default_value = "0.0.0.0:8080")]
+    pub metrics_bind: SocketAddr,
+    /// Elect a leader among replicas (default: on in a cluster, off outside).
+    #[arg(long, env = "SALESLAYER_LEADER_ELECT")]
+    pub leader_elect: Option<bool>,
+}
+
+#[derive(Debug, Args)]
+pub struct ProxyArgs {
+    /// Local address the workload sends its Sales Layer requests to.
+    #[arg(long, env = "SALESLAYER_PROXY_BIND", default_value = "127.0.0.1:8787")]
+    pub bind: SocketAddr,
+    /// The Sales Layer API (or the simulator) to forward to.
+    #[arg(long, env = "SALESLAYER_UPSTREAM")]
+    pub upstream: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    /// Address to serve the simulated API on.
+    #[arg(
+        long,
+        env = "SALESLAYER_SIMULATE_BIND",
+        default_value = "127.0.0.1:8090"
+    )]
+    pub bind: SocketAddr,
+    /// Requests allowed per API key in any window of the period.
+    #[arg(long, env = "SALESLAYER_SIMULATE_REQUESTS", default_value_t = 50)]
+    pub requests: u32,
+    /// Length of the window in seconds.
+    #[arg(long, env = "SALESLAYER_SIMULATE_PERIOD_SECONDS", default_value_t = 10)]
+    pub period_seconds: u32,
+}

@@ -1,0 +1,15 @@
+//! saleslayer-operator keeps every workload that shares a Sales Layer account
+//! under the account's rate limit (50 requests per 10 seconds).
+//!
+//! ```text
+//!  SalesLayerIntegration ──▶ controller ──▶ allocation (pure) ──▶ status + pod annotations
+//!          pods ──▶ webhook (injects each pod's share)      quota API ◀── sidecars / clients
+//! ```
+//!
+//! The binary (`src/main.rs`) is a thin command line over these modules; see
+//! `DESIGN.md` for the contracts each one builds against.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod cli;
+pub mod testenv;

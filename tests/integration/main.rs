@@ -1,0 +1,5 @@
+//! Integration tests against a real control plane (etcd + kube-apiserver from
+//! `tests/testenv/`, started per test by `saleslayer_operator::testenv`).
+//! One test binary, one module per part.
+
+mod smoke;
