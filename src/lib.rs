@@ -10,6 +10,8 @@
 //! `DESIGN.md` for the contracts each one builds against.
 #![forbid(unsafe_code)]
 
+pub mod allocation;
 pub mod api;
 pub mod cli;
+pub mod controller;
 pub mod testenv;

@@ -4,8 +4,11 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Parser;
-use saleslayer_operator::cli::{Cli, Command};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use saleslayer_operator::cli::{Cli, Command, RunArgs};
+use saleslayer_operator::controller;
 
 /// Exit code of a subcommand whose issue has not landed yet.
 const NOT_YET: u8 = 2;
@@ -14,7 +17,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let (name, issue) = match cli.command {
         Command::Crd => return print_crd(),
-        Command::Run(_) => ("run", 3),
+        Command::Run(args) => return run(args),
         Command::Proxy(_) => ("proxy", 7),
         Command::Simulate(_) => ("simulate", 7),
     };
@@ -32,5 +35,80 @@ fn print_crd() -> ExitCode {
             eprintln!("saleslayer-operator crd: {error}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    init_tracing();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("saleslayer-operator run: starting the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(operate(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn operate(args: RunArgs) -> anyhow::Result<()> {
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kubeconfig = Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .context("loading the kubeconfig")?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no kubeconfig (--kubeconfig, KUBECONFIG) and not in a cluster")?,
+    };
+    let client = kube::Client::try_from(config).context("building the Kubernetes client")?;
+    tracing::info!(
+        webhook = %args.webhook_bind,
+        quota = %args.quota_bind,
+        metrics = %args.metrics_bind,
+        "starting; the controller runs now, the webhook, quota API and metrics arrive with their issues"
+    );
+    controller::run(client, shutdown_signal()).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("shutting down");
+}
+
+/// JSON logs in a cluster or when piped; readable text on a terminal.
+fn init_tracing() {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,kube_runtime=warn,kube_client=warn"));
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if in_cluster || !std::io::stderr().is_terminal() {
+        builder.json().with_writer(std::io::stderr).init();
+    } else {
+        builder.with_writer(std::io::stderr).init();
     }
 }

@@ -2,4 +2,7 @@
 //! `tests/testenv/`, started per test by `saleslayer_operator::testenv`).
 //! One test binary, one module per part.
 
+mod controller;
+mod crd;
 mod smoke;
+mod support;

@@ -1,0 +1,459 @@
+//! The controller: keeps every `SalesLayerIntegration`'s status and its pods'
+//! `saleslayer.io/limit` annotations equal to what the allocation says.
+//!
+//! ```text
+//!  SLI watch ──┐ (siblings on the same account)      pod metadata watch
+//!              ▼                                         │ (integration → account)
+//!         reconcile(X): observe → validate → plan ──▶ apply pods of X ──▶ status of X
+//! ```
+//!
+//! Each reconcile plans X's whole account from the in-memory stores (pure,
+//! `plan`), then writes only X: its pods' annotations and its status, each
+//! through server-side apply under [`FIELD_MANAGER`] and only when different.
+//! A change to any integration or pod re-queues every integration of its
+//! account, so siblings converge too. Nothing read from the cluster can
+//! crash the process: errors requeue with backoff and show in `Ready`.
+
+pub mod plan;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{PartialObjectMeta, Patch, PatchParams};
+use kube::runtime::controller::{Action, Config as ControllerConfig};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::allocation::JobKey;
+use crate::api::{ANNOTATION_LIMIT, LABEL_INTEGRATION, LABEL_JOB, SalesLayerIntegration};
+use plan::{AccountPlan, PodCounts, ValidatedIntegration};
+
+/// The one field manager every write of the operator goes through.
+pub const FIELD_MANAGER: &str = "saleslayer-operator";
+/// Server-side filter for live pods: terminal phases never count.
+pub const LIVE_POD_FIELDS: &str = "status.phase!=Succeeded,status.phase!=Failed";
+/// How often an integration is reconciled even when nothing was seen to change.
+const RESYNC: Duration = Duration::from_secs(300);
+
+/// Errors of one reconcile, named after the step that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("patching the status of {0}: {1}")]
+    PatchStatus(String, #[source] kube::Error),
+    #[error("annotating pod {0}: {1}")]
+    AnnotatePod(String, #[source] kube::Error),
+}
+
+impl Error {
+    /// Stable reason, used as metric label, Event reason and condition reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::PatchStatus(..) => "PatchStatus",
+            Error::AnnotatePod(..) => "AnnotatePod",
+        }
+    }
+}
+
+/// The controller's view of the cluster: integrations and live pod metadata.
+#[derive(Clone)]
+pub struct Stores {
+    pub integrations: Store<SalesLayerIntegration>,
+    pub pods: Store<PartialObjectMeta<Pod>>,
+}
+
+impl Stores {
+    /// Every valid integration on `account`, and the live pods of their jobs.
+    pub fn account_members(&self, account: &str) -> (Vec<ValidatedIntegration>, PodCounts) {
+        let mut members: Vec<ValidatedIntegration> = self
+            .integrations
+            .state()
+            .iter()
+            .filter(|sli| sli.spec.account == account)
+            .filter_map(|sli| plan::validate(sli).ok())
+            .collect();
+        members.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        let wanted: BTreeSet<(&str, &str)> = members
+            .iter()
+            .map(|m| (m.namespace.as_str(), m.name.as_str()))
+            .collect();
+        let mut pods = PodCounts::new();
+        for pod in self.pods.state() {
+            if let Some(key) = live_pod_key(&pod)
+                && wanted.contains(&(key.namespace.as_str(), key.integration.as_str()))
+            {
+                *pods.entry(key).or_default() += 1;
+            }
+        }
+        (members, pods)
+    }
+
+    /// Refs of every integration on the same account as `namespace/name`.
+    fn siblings_of(&self, namespace: &str, name: &str) -> Vec<ObjectRef<SalesLayerIntegration>> {
+        let key = ObjectRef::new(name).within(namespace);
+        match self.integrations.get(&key) {
+            Some(sli) => self.on_account(&sli.spec.account),
+            None => vec![key],
+        }
+    }
+
+    fn on_account(&self, account: &str) -> Vec<ObjectRef<SalesLayerIntegration>> {
+        self.integrations
+            .state()
+            .iter()
+            .filter(|sli| sli.spec.account == account)
+            .map(|sli| ObjectRef::from_obj(sli.as_ref()))
+            .collect()
+    }
+}
+
+/// The job a live pod runs, from its labels; `None` for a pod that is going away.
+pub fn live_pod_key(pod: &PartialObjectMeta<Pod>) -> Option<JobKey> {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    let labels = pod.metadata.labels.as_ref()?;
+    Some(JobKey {
+        namespace: pod.metadata.namespace.clone()?,
+        integration: labels.get(LABEL_INTEGRATION)?.clone(),
+        job: labels.get(LABEL_JOB)?.clone(),
+    })
+}
+
+struct Context {
+    client: Client,
+    stores: Stores,
+    recorder: Recorder,
+}
+
+/// Run the controller until `shutdown` resolves.
+pub async fn run(client: Client, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+    let integrations = Api::<SalesLayerIntegration>::all(client.clone());
+    // Metadata only: full Pod objects would cost far more memory.
+    let pods = Api::<PartialObjectMeta<Pod>>::all(client.clone());
+
+    let (sli_reader, sli_writer) = reflector::store();
+    let (pod_reader, pod_writer) = reflector::store();
+    let stores = Stores {
+        integrations: sli_reader.clone(),
+        pods: pod_reader,
+    };
+
+    let sli_stream = reflector::reflector(
+        sli_writer,
+        watcher(integrations, watcher::Config::default()),
+    )
+    .default_backoff()
+    .inspect(|event| {
+        if let Err(error) = event {
+            warn!(%error, "watching SalesLayerIntegrations failed; is the CRD installed? (`saleslayer-operator crd | kubectl apply -f -`)");
+        }
+    });
+    let (sibling_tx, sibling_rx) = mpsc::unbounded_channel();
+    let sli_stream =
+        with_account_siblings(sli_stream.touched_objects(), stores.clone(), sibling_tx);
+
+    let pod_config = watcher::Config::default()
+        .labels(LABEL_INTEGRATION)
+        .fields(LIVE_POD_FIELDS);
+    let pod_stream = reflector::reflector(pod_writer, watcher(pods, pod_config))
+        .default_backoff()
+        .touched_objects();
+    let pod_stores = stores.clone();
+
+    let context = Arc::new(Context {
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: FIELD_MANAGER.into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        ),
+        client,
+        stores,
+    });
+
+    Controller::for_stream(sli_stream, sli_reader)
+        .with_config(ControllerConfig::default().debounce(Duration::from_millis(50)))
+        .watches_stream(pod_stream, move |pod: PartialObjectMeta<Pod>| {
+            let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+            let integration = pod
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_INTEGRATION).cloned())
+                .unwrap_or_default();
+            pod_stores.siblings_of(&namespace, &integration)
+        })
+        .reconcile_on(tokio_stream_from(sibling_rx))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, context)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, "reconcile did not complete");
+            }
+        })
+        .await;
+}
+
+/// Pass integration events through, and queue every integration on the
+/// event's account (and on the account it had before, if it moved).
+fn with_account_siblings(
+    stream: impl Stream<Item = Result<SalesLayerIntegration, watcher::Error>> + Send + 'static,
+    stores: Stores,
+    siblings: mpsc::UnboundedSender<ObjectRef<SalesLayerIntegration>>,
+) -> impl Stream<Item = Result<SalesLayerIntegration, watcher::Error>> + Send + 'static {
+    let last_account: Mutex<HashMap<ObjectRef<SalesLayerIntegration>, String>> = Mutex::default();
+    stream.inspect(move |event| {
+        let Ok(sli) = event else { return };
+        let me = ObjectRef::from_obj(sli);
+        let account = sli.spec.account.clone();
+        let previous = last_account
+            .lock()
+            .ok()
+            .and_then(|mut map| map.insert(me.clone(), account.clone()));
+        let mut refs = stores.on_account(&account);
+        if let Some(old) = previous.filter(|old| *old != account) {
+            refs.extend(stores.on_account(&old));
+        }
+        for sibling in refs.into_iter().filter(|r| *r != me) {
+            let _ = siblings.send(sibling);
+        }
+    })
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: mpsc::UnboundedReceiver<T>,
+) -> impl Stream<Item = T> + Send + 'static {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+async fn reconcile(sli: Arc<SalesLayerIntegration>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let namespace = sli.namespace().unwrap_or_default();
+    let name = sli.name_any();
+    let span = tracing::info_span!("reconcile", %namespace, integration = %name, account = %sli.spec.account);
+    let _entered = span.enter();
+    let now = Time(Timestamp::now());
+
+    // validate
+    let integration = match plan::validate(&sli) {
+        Ok(valid) => valid,
+        Err(message) => {
+            warn!(%message, "invalid spec");
+            let status =
+                plan::not_ready_status(&sli, plan::conditions::REASON_INVALID_SPEC, message, now);
+            patch_status(&ctx.client, &sli, &status).await?;
+            return Ok(Action::requeue(RESYNC));
+        }
+    };
+    // observe + plan
+    let (members, pods) = ctx.stores.account_members(&integration.account);
+    let account_plan = plan::plan_account(&members, &pods);
+
+    // apply: pods of this integration whose share changed
+    if let Err(error) = annotate_pods(&ctx, &integration, &account_plan).await {
+        // Say so in the status (best effort), then retry with backoff.
+        let status = plan::not_ready_status(&sli, error.reason(), error.to_string(), now);
+        if let Err(status_error) = patch_status(&ctx.client, &sli, &status).await {
+            warn!(%status_error, "could not record the failure in the status either");
+        }
+        return Err(error);
+    }
+
+    // status
+    let previous = sli.status.as_ref();
+    let status = plan::desired_status(&integration, &account_plan, previous, now);
+    if previous.is_none_or(|p| !same_status(p, &status)) {
+        publish_changes(&ctx, &sli, previous, &status, &account_plan).await;
+        patch_status(&ctx.client, &sli, &status).await?;
+        info!(
+            allocations = ?status.jobs.iter().map(|j| (&j.name, j.allocated_requests, j.pods)).collect::<Vec<_>>(),
+            "status updated"
+        );
+    }
+    Ok(Action::requeue(RESYNC))
+}
+
+/// Equal for the purpose of writing: conditions compare without their
+/// transition time (a new time alone is no change).
+fn same_status(
+    a: &crate::api::SalesLayerIntegrationStatus,
+    b: &crate::api::SalesLayerIntegrationStatus,
+) -> bool {
+    let strip = |s: &crate::api::SalesLayerIntegrationStatus| {
+        let mut s = s.clone();
+        for c in &mut s.conditions {
+            c.last_transition_time = Time(Timestamp::UNIX_EPOCH);
+        }
+        s
+    };
+    strip(a) == strip(b)
+}
+
+async fn annotate_pods(
+    ctx: &Context,
+    integration: &ValidatedIntegration,
+    account_plan: &AccountPlan,
+) -> Result<(), Error> {
+    for pod in ctx.stores.pods.state() {
+        let Some(key) = live_pod_key(&pod) else {
+            continue;
+        };
+        if key.namespace != integration.namespace || key.integration != integration.name {
+            continue;
+        }
+        let Some(limit) = plan::pod_limit(account_plan, &key) else {
+            continue;
+        };
+        let wanted = limit.to_json();
+        let current = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_LIMIT));
+        if current == Some(&wanted) {
+            continue;
+        }
+        let name = pod.name_any();
+        let patch = json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": { "name": name, "annotations": { ANNOTATION_LIMIT: wanted } },
+        });
+        Api::<Pod>::namespaced(ctx.client.clone(), &key.namespace)
+            .patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+            .map(|_| ())
+            .or_else(|error| match error {
+                // The pod went away meanwhile: nothing left to annotate.
+                kube::Error::Api(ref status) if status.code == 404 => Ok(()),
+                other => Err(Error::AnnotatePod(
+                    format!("{}/{name}", key.namespace),
+                    other,
+                )),
+            })?;
+    }
+    Ok(())
+}
+
+async fn patch_status(
+    client: &Client,
+    sli: &SalesLayerIntegration,
+    status: &crate::api::SalesLayerIntegrationStatus,
+) -> Result<(), Error> {
+    let namespace = sli.namespace().unwrap_or_default();
+    let name = sli.name_any();
+    let patch = json!({
+        "apiVersion": SalesLayerIntegration::api_version(&()),
+        "kind": SalesLayerIntegration::kind(&()),
+        "status": status,
+    });
+    Api::<SalesLayerIntegration>::namespaced(client.clone(), &namespace)
+        .patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|error| Error::PatchStatus(format!("{namespace}/{name}"), error))
+}
+
+/// Events for a person reading `kubectl describe`: allocation changes, and
+/// the moment an account becomes overcommitted.
+async fn publish_changes(
+    ctx: &Context,
+    sli: &SalesLayerIntegration,
+    previous: Option<&crate::api::SalesLayerIntegrationStatus>,
+    status: &crate::api::SalesLayerIntegrationStatus,
+    account_plan: &AccountPlan,
+) {
+    let reference = sli.object_ref(&());
+    let shares = |s: &crate::api::SalesLayerIntegrationStatus| {
+        s.jobs
+            .iter()
+            .map(|j| (j.name.clone(), j.allocated_requests, j.pods))
+            .collect::<Vec<_>>()
+    };
+    if previous.map(shares) != Some(shares(status)) {
+        let note = status
+            .jobs
+            .iter()
+            .map(|j| {
+                format!(
+                    "{} {} ({} per pod over {} pods)",
+                    j.name, j.allocated_requests, j.per_pod.requests, j.pods
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let note = format!(
+            "of {} requests: {note}",
+            plan::show_budget(account_plan.budget)
+        );
+        emit(
+            ctx,
+            &reference,
+            EventType::Normal,
+            "AllocationChanged",
+            note,
+        )
+        .await;
+    }
+    let was_over = previous.is_some_and(|p| {
+        p.conditions
+            .iter()
+            .any(|c| c.type_ == plan::conditions::OVERCOMMITTED && c.status == "True")
+    });
+    if let (Some(over), false) = (account_plan.allocation.overcommit, was_over) {
+        let note = format!(
+            "floors on account {} sum to {} but its usable budget is {}; floors were scaled down",
+            account_plan.account, over.floors, over.usable
+        );
+        emit(ctx, &reference, EventType::Warning, "Overcommitted", note).await;
+    }
+}
+
+/// Publish an Event about an integration; a failure is logged, never fatal.
+async fn emit(
+    ctx: &Context,
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Allocate".into(),
+        secondary: None,
+    };
+    if let Err(error) = ctx.recorder.publish(&event, reference).await {
+        warn!(%error, reason, "publishing an event failed");
+    }
+}
+
+fn error_policy(sli: Arc<SalesLayerIntegration>, error: &Error, _ctx: Arc<Context>) -> Action {
+    warn!(
+        namespace = %sli.namespace().unwrap_or_default(),
+        integration = %sli.name_any(),
+        reason = error.reason(),
+        %error,
+        "reconcile failed; retrying"
+    );
+    Action::requeue(Duration::from_secs(5))
+}

@@ -1,0 +1,186 @@
+//! Shared by the integration tests: a control plane with the CRD installed,
+//! the controller running in-process, and waiting on observed state.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
+use kube::api::{ObjectMeta, PostParams};
+use kube::{Api, Client};
+use saleslayer_operator::testenv::ControlPlane;
+use tokio::sync::oneshot;
+
+/// How long any awaited state may take to appear.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// A control plane with the CRD applied by real `kubectl`, and optionally
+/// the controller running in this process until drop.
+pub struct Env {
+    pub plane: ControlPlane,
+    pub client: Client,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Env {
+    /// Control plane + CRD, no controller.
+    pub async fn with_crd() -> Self {
+        let plane = ControlPlane::start().await.expect("control plane starts");
+        let client = plane.client().await.expect("client");
+        let crd = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("crds/saleslayer.io_saleslayerintegrations.yaml");
+        let out = plane
+            .kubectl()
+            .arg("apply")
+            .arg("-f")
+            .arg(&crd)
+            .output()
+            .expect("kubectl runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = plane
+            .kubectl()
+            .args(["wait", "--for=condition=Established", "--timeout=30s"])
+            .args(["crd/saleslayerintegrations.saleslayer.io"])
+            .output()
+            .expect("kubectl runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self {
+            plane,
+            client,
+            stop: None,
+        }
+    }
+
+    /// Control plane + CRD + the controller.
+    pub async fn with_controller() -> Self {
+        let mut env = Self::with_crd().await;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let client = env.client.clone();
+        tokio::spawn(saleslayer_operator::controller::run(client, async move {
+            let _ = stopped.await;
+        }));
+        env.stop = Some(stop);
+        env
+    }
+
+    pub async fn namespace(&self, name: &str) {
+        self.plane
+            .namespace(&self.client, name)
+            .await
+            .expect("namespace");
+    }
+
+    /// `kubectl apply -f -` with `yaml`; returns (success, stdout + stderr).
+    pub fn kubectl_apply(&self, yaml: &str) -> (bool, String) {
+        self.kubectl_stdin(&["apply", "-f", "-"], yaml)
+    }
+
+    pub fn kubectl_stdin(&self, args: &[&str], input: &str) -> (bool, String) {
+        use std::io::Write;
+        let mut child = self
+            .plane
+            .kubectl()
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("kubectl runs");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write to kubectl");
+        let out = child.wait_with_output().expect("kubectl finishes");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
+    pub fn kubectl(&self, args: &[&str]) -> String {
+        let out = self
+            .plane
+            .kubectl()
+            .args(args)
+            .output()
+            .expect("kubectl runs");
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Create a pod labelled for `integration`/`job`.
+    pub async fn pod(&self, namespace: &str, name: &str, integration: &str, job: &str) -> Pod {
+        let labels: BTreeMap<String, String> = [
+            (
+                "saleslayer.io/integration".to_owned(),
+                integration.to_owned(),
+            ),
+            ("saleslayer.io/job".to_owned(), job.to_owned()),
+        ]
+        .into();
+        let pod = Pod {
+            metadata: ObjectMeta {
+                name: Some(name.to_owned()),
+                labels: Some(labels),
+                ..ObjectMeta::default()
+            },
+            spec: Some(PodSpec {
+                containers: vec![Container {
+                    name: "main".into(),
+                    image: Some("example.com/importer:1".into()),
+                    ..Container::default()
+                }],
+                ..PodSpec::default()
+            }),
+            ..Pod::default()
+        };
+        Api::<Pod>::namespaced(self.client.clone(), namespace)
+            .create(&PostParams::default(), &pod)
+            .await
+            .expect("create pod")
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Poll `check` until it yields `Some`, or panic with the last observation
+/// after [`DEADLINE`].
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(last) if Instant::now() > deadline => {
+                panic!("{what}: not observed within {DEADLINE:?}; last seen: {last}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
