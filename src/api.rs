@@ -305,9 +305,46 @@ fn default_persistent_windows() -> u32 {
     6
 }
 
+/// The CRD to install: the derived one, without the integer formats the API
+/// server does not know (`uint32`, `uint64`), which make `kubectl apply` warn.
+/// The bounds that matter are explicit `minimum`/`maximum` values.
+pub fn crd()
+-> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
+    let mut crd = SalesLayerIntegration::crd();
+    for version in &mut crd.spec.versions {
+        if let Some(schema) = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+        {
+            strip_unsigned_formats(schema);
+        }
+    }
+    crd
+}
+
+fn strip_unsigned_formats(
+    schema: &mut k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaProps,
+) {
+    if matches!(
+        schema.format.as_deref(),
+        Some("uint32" | "uint64" | "uint8" | "uint16")
+    ) {
+        schema.format = None;
+    }
+    for child in schema.properties.iter_mut().flat_map(|p| p.values_mut()) {
+        strip_unsigned_formats(child);
+    }
+    if let Some(k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrArray::Schema(items)) =
+        schema.items.as_mut()
+    {
+        strip_unsigned_formats(items);
+    }
+}
+
 /// The CRD as YAML, as `saleslayer-operator crd` prints it and `crds/` holds it.
 pub fn crd_yaml() -> Result<String, serde_saphyr::ser::Error> {
-    serde_saphyr::to_string(&SalesLayerIntegration::crd())
+    serde_saphyr::to_string(&crd())
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the controller, the admission webhook, the quota API and /metrics.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the SalesLayerIntegration CRD as YAML.
     Crd,
     /// Run the per-pod sidecar that paces, retries and reports.
@@ -27,7 +27,7 @@ pub enum Command {
     Simulate(SimulateArgs),
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct RunArgs {
     /// Kubeconfig to use; else KUBECONFIG, else the in-cluster config.
     #[arg(long, env = "SALESLAYER_KUBECONFIG")]
@@ -41,6 +41,26 @@ pub struct RunArgs {
     /// Out of cluster: register a MutatingWebhookConfiguration pointing at this URL.
     #[arg(long, env = "SALESLAYER_WEBHOOK_URL")]
     pub webhook_url: Option<String>,
+    /// Name of the MutatingWebhookConfiguration whose caBundle the operator keeps current.
+    #[arg(
+        long,
+        env = "SALESLAYER_WEBHOOK_CONFIGURATION",
+        default_value = "saleslayer-operator"
+    )]
+    pub webhook_configuration: String,
+    /// Quota API URL injected into pods (default: the in-cluster Service, or
+    /// the --webhook-url host on the quota port out of cluster).
+    #[arg(long, env = "SALESLAYER_QUOTA_URL")]
+    pub quota_url: Option<String>,
+    /// Serving certificate file (e.g. from cert-manager) instead of the operator's own.
+    #[arg(long, env = "SALESLAYER_TLS_CERT_FILE", requires_all = ["tls_key_file", "ca_file"])]
+    pub tls_cert_file: Option<String>,
+    /// Key of --tls-cert-file.
+    #[arg(long, env = "SALESLAYER_TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<String>,
+    /// CA that signed --tls-cert-file (published to pods and put in the caBundle).
+    #[arg(long, env = "SALESLAYER_CA_FILE", requires = "tls_cert_file")]
+    pub ca_file: Option<String>,
     /// Address of the quota API (HTTPS).
     #[arg(long, env = "SALESLAYER_QUOTA_BIND", default_value = "0.0.0.0:8443")]
     pub quota_bind: SocketAddr,

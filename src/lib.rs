@@ -12,6 +12,9 @@
 
 pub mod allocation;
 pub mod api;
+pub mod certs;
 pub mod cli;
 pub mod controller;
+pub mod operator;
 pub mod testenv;
+pub mod webhook;

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Parser;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use saleslayer_operator::cli::{Cli, Command, RunArgs};
-use saleslayer_operator::controller;
+use saleslayer_operator::operator;
 
 /// Exit code of a subcommand whose issue has not landed yet.
 const NOT_YET: u8 = 2;
@@ -17,7 +17,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let (name, issue) = match cli.command {
         Command::Crd => return print_crd(),
-        Command::Run(args) => return run(args),
+        Command::Run(args) => return run(*args),
         Command::Proxy(_) => ("proxy", 7),
         Command::Simulate(_) => ("simulate", 7),
     };
@@ -40,6 +40,8 @@ fn print_crd() -> ExitCode {
 
 fn run(args: RunArgs) -> ExitCode {
     init_tracing();
+    // One TLS provider for the whole process (kube, the webhook server).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -71,12 +73,11 @@ async fn operate(args: RunArgs) -> anyhow::Result<()> {
     };
     let client = kube::Client::try_from(config).context("building the Kubernetes client")?;
     tracing::info!(
-        webhook = %args.webhook_bind,
         quota = %args.quota_bind,
         metrics = %args.metrics_bind,
-        "starting; the controller runs now, the webhook, quota API and metrics arrive with their issues"
+        "starting; the quota API and /metrics are not built yet (issue #5)"
     );
-    controller::run(client, shutdown_signal()).await;
+    operator::run(client, args, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -52,6 +52,8 @@ pub enum Error {
     PatchStatus(String, #[source] kube::Error),
     #[error("annotating pod {0}: {1}")]
     AnnotatePod(String, #[source] kube::Error),
+    #[error("publishing the CA ConfigMap in namespace {0}: {1}")]
+    PublishCa(String, #[source] kube::Error),
 }
 
 impl Error {
@@ -60,6 +62,7 @@ impl Error {
         match self {
             Error::PatchStatus(..) => "PatchStatus",
             Error::AnnotatePod(..) => "AnnotatePod",
+            Error::PublishCa(..) => "PublishCa",
         }
     }
 }
@@ -133,10 +136,20 @@ struct Context {
     client: Client,
     stores: Stores,
     recorder: Recorder,
+    /// The operator's CA, published as ConfigMap `saleslayer-operator-ca`.
+    ca_pem: Option<String>,
+    /// Namespaces whose CA ConfigMap is known to be current.
+    ca_published: Mutex<BTreeSet<String>>,
 }
 
-/// Run the controller until `shutdown` resolves.
-pub async fn run(client: Client, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+/// Build the watches and return the stores (for the webhook) and the
+/// controller, which runs until `shutdown` resolves. The stores fill only
+/// while the returned future is polled.
+pub fn controller(
+    client: Client,
+    ca_pem: Option<String>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) -> (Stores, impl Future<Output = ()> + Send + 'static) {
     let integrations = Api::<SalesLayerIntegration>::all(client.clone());
     // Metadata only: full Pod objects would cost far more memory.
     let pods = Api::<PartialObjectMeta<Pod>>::all(client.clone());
@@ -179,10 +192,12 @@ pub async fn run(client: Client, shutdown: impl Future<Output = ()> + Send + Syn
             },
         ),
         client,
-        stores,
+        stores: stores.clone(),
+        ca_pem,
+        ca_published: Mutex::default(),
     });
 
-    Controller::for_stream(sli_stream, sli_reader)
+    let running = Controller::for_stream(sli_stream, sli_reader)
         .with_config(ControllerConfig::default().debounce(Duration::from_millis(50)))
         .watches_stream(pod_stream, move |pod: PartialObjectMeta<Pod>| {
             let namespace = pod.metadata.namespace.clone().unwrap_or_default();
@@ -201,8 +216,13 @@ pub async fn run(client: Client, shutdown: impl Future<Output = ()> + Send + Syn
             if let Err(error) = result {
                 tracing::debug!(%error, "reconcile did not complete");
             }
-        })
-        .await;
+        });
+    (stores, running)
+}
+
+/// Run the controller alone until `shutdown` resolves.
+pub async fn run(client: Client, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+    controller(client, None, shutdown).1.await;
 }
 
 /// Pass integration events through, and queue every integration on the
@@ -259,8 +279,12 @@ async fn reconcile(sli: Arc<SalesLayerIntegration>, ctx: Arc<Context>) -> Result
     let (members, pods) = ctx.stores.account_members(&integration.account);
     let account_plan = plan::plan_account(&members, &pods);
 
-    // apply: pods of this integration whose share changed
-    if let Err(error) = annotate_pods(&ctx, &integration, &account_plan).await {
+    // apply: the CA for the pods' quota clients, and the pods whose share changed
+    let applied = match publish_ca(&ctx, &namespace).await {
+        Ok(()) => annotate_pods(&ctx, &integration, &account_plan).await,
+        Err(error) => Err(error),
+    };
+    if let Err(error) = applied {
         // Say so in the status (best effort), then retry with backoff.
         let status = plan::not_ready_status(&sli, error.reason(), error.to_string(), now);
         if let Err(status_error) = patch_status(&ctx.client, &sli, &status).await {
@@ -345,6 +369,39 @@ async fn annotate_pods(
                     other,
                 )),
             })?;
+    }
+    Ok(())
+}
+
+/// Apply ConfigMap `saleslayer-operator-ca` in `namespace` once per process.
+async fn publish_ca(ctx: &Context, namespace: &str) -> Result<(), Error> {
+    let Some(ca) = ctx.ca_pem.as_ref() else {
+        return Ok(());
+    };
+    if ctx
+        .ca_published
+        .lock()
+        .map(|done| done.contains(namespace))
+        .unwrap_or(false)
+    {
+        return Ok(());
+    }
+    let map = json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": crate::webhook::mutate::CA_CONFIGMAP},
+        "data": {"ca.crt": ca},
+    });
+    Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(ctx.client.clone(), namespace)
+        .patch(
+            crate::webhook::mutate::CA_CONFIGMAP,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&map),
+        )
+        .await
+        .map_err(|error| Error::PublishCa(namespace.to_owned(), error))?;
+    if let Ok(mut done) = ctx.ca_published.lock() {
+        done.insert(namespace.to_owned());
     }
     Ok(())
 }

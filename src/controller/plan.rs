@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::allocation::{self, AccountAllocation, JobKey, JobRequest, PodShare, UsableBudget};
 use crate::api::{
-    JobSpec, JobStatus, PerPodStatus, RateLimit, SalesLayerIntegration,
+    JobSpec, JobStatus, PerPodStatus, RateLimit, RetryPolicy, SalesLayerIntegration,
     SalesLayerIntegrationStatus, StatusSummary, UsableStatus,
 };
 
@@ -43,6 +43,7 @@ pub struct ValidatedIntegration {
     pub headroom_percent: u32,
     pub lend_idle_capacity: bool,
     pub jobs: Vec<JobSpec>,
+    pub retry: RetryPolicy,
 }
 
 impl ValidatedIntegration {
@@ -55,7 +56,8 @@ impl ValidatedIntegration {
         )
     }
 
-    fn key(&self, job: &str) -> JobKey {
+    /// The allocation key of one of its jobs.
+    pub fn key(&self, job: &str) -> JobKey {
         JobKey {
             namespace: self.namespace.clone(),
             integration: self.name.clone(),
@@ -104,6 +106,7 @@ pub fn validate(sli: &SalesLayerIntegration) -> Result<ValidatedIntegration, Str
         headroom_percent: spec.headroom_percent,
         lend_idle_capacity: spec.lend_idle_capacity,
         jobs: spec.jobs.clone(),
+        retry: spec.retry.clone(),
     })
 }
 

@@ -126,7 +126,7 @@ async fn condition(
         .ok_or_else(|| format!("no {type_} condition in {:?}", status.conditions))
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_jobs_converge_and_rebalance() {
     let env = Env::with_controller().await;
     env.namespace("shop").await;
@@ -249,7 +249,7 @@ async fn three_jobs_converge_and_rebalance() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_job_lends_its_share_when_lending_is_on() {
     let env = Env::with_controller().await;
     env.namespace("shop").await;
@@ -310,7 +310,7 @@ async fn idle_job_lends_its_share_when_lending_is_on() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_account_is_one_budget_across_namespaces() {
     let env = Env::with_controller().await;
     env.namespace("shop").await;
@@ -421,7 +421,7 @@ spec:
     assert_eq!(total, 40);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_runs_with_only_the_crd_and_stops_on_sigterm() {
     let env = Env::with_crd().await;
     env.namespace("shop").await;

@@ -13,7 +13,7 @@ spec:
     )
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_specs_are_refused_with_the_rule_named() {
     let env = Env::with_crd().await;
     env.namespace("shop").await;

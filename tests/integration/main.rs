@@ -6,3 +6,4 @@ mod controller;
 mod crd;
 mod smoke;
 mod support;
+mod webhook;

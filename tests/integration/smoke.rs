@@ -17,7 +17,7 @@ fn meta(name: &str) -> ObjectMeta {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_reads_what_the_client_wrote() {
     let plane = ControlPlane::start().await.expect("control plane starts");
     eprintln!("control plane ready in {:?}", plane.started_in());
@@ -66,7 +66,7 @@ async fn kubectl_reads_what_the_client_wrote() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "world");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pod_bound_token_passes_token_review() {
     let plane = ControlPlane::start().await.expect("control plane starts");
     let client = plane.client().await.expect("client");

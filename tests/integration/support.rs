@@ -6,6 +6,7 @@ use std::future::Future;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use clap::Parser;
 use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
@@ -72,6 +73,64 @@ impl Env {
         env
     }
 
+    /// Control plane + CRD + the whole operator (controller and webhook),
+    /// as `saleslayer-operator run --webhook-url https://127.0.0.1:<port>/mutate`.
+    pub async fn with_operator() -> Self {
+        let mut env = Self::with_crd().await;
+        env.namespace("saleslayer-system").await;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let bind = format!("127.0.0.1:{port}");
+        let url = format!("https://127.0.0.1:{port}/mutate");
+        let cli = saleslayer_operator::cli::Cli::parse_from([
+            "saleslayer-operator",
+            "run",
+            "--namespace",
+            "saleslayer-system",
+            "--webhook-bind",
+            &bind,
+            "--webhook-url",
+            &url,
+        ]);
+        let saleslayer_operator::cli::Command::Run(args) = cli.command else {
+            unreachable!("parsed a run command")
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        tokio::spawn(saleslayer_operator::operator::run(
+            env.client.clone(),
+            *args,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        env.stop = Some(stop);
+        // Ready once the webhook configuration is registered (after the server listens).
+        let client = env.client.clone();
+        eventually("the webhook configuration", || {
+            let api = Api::<
+                k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration,
+            >::all(client.clone());
+            async move {
+                api.get("saleslayer-operator")
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+        })
+        .await;
+        env
+    }
+
+    /// Stop the operator (its webhook stops answering).
+    pub fn stop_operator(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
     pub async fn namespace(&self, name: &str) {
         self.plane
             .namespace(&self.client, name)
@@ -127,34 +186,48 @@ impl Env {
 
     /// Create a pod labelled for `integration`/`job`.
     pub async fn pod(&self, namespace: &str, name: &str, integration: &str, job: &str) -> Pod {
-        let labels: BTreeMap<String, String> = [
-            (
-                "saleslayer.io/integration".to_owned(),
-                integration.to_owned(),
-            ),
-            ("saleslayer.io/job".to_owned(), job.to_owned()),
-        ]
-        .into();
-        let pod = Pod {
-            metadata: ObjectMeta {
-                name: Some(name.to_owned()),
-                labels: Some(labels),
-                ..ObjectMeta::default()
-            },
-            spec: Some(PodSpec {
-                containers: vec![Container {
-                    name: "main".into(),
-                    image: Some("example.com/importer:1".into()),
-                    ..Container::default()
-                }],
-                ..PodSpec::default()
-            }),
-            ..Pod::default()
-        };
         Api::<Pod>::namespaced(self.client.clone(), namespace)
-            .create(&PostParams::default(), &pod)
+            .create(
+                &PostParams::default(),
+                &labelled_pod(Some(name), None, integration, job),
+            )
             .await
             .expect("create pod")
+    }
+}
+
+/// A one-container pod labelled for `integration`/`job`, named or with a
+/// `generateName` (as a Job or ReplicaSet makes them).
+pub fn labelled_pod(
+    name: Option<&str>,
+    generate: Option<&str>,
+    integration: &str,
+    job: &str,
+) -> Pod {
+    let labels: BTreeMap<String, String> = [
+        (
+            "saleslayer.io/integration".to_owned(),
+            integration.to_owned(),
+        ),
+        ("saleslayer.io/job".to_owned(), job.to_owned()),
+    ]
+    .into();
+    Pod {
+        metadata: ObjectMeta {
+            name: name.map(str::to_owned),
+            generate_name: generate.map(str::to_owned),
+            labels: Some(labels),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            containers: vec![Container {
+                name: "main".into(),
+                image: Some("example.com/importer:1".into()),
+                ..Container::default()
+            }],
+            ..PodSpec::default()
+        }),
+        ..Pod::default()
     }
 }
 

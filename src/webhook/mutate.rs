@@ -1,0 +1,370 @@
+//! The admission decision for one pod, as a pure function: from the
+//! AdmissionRequest and a read-only view of the integrations to either a JSON
+//! Patch that injects the pod's share (DESIGN.md §5) or a denial that names
+//! what is missing and what exists.
+//!
+//! No I/O and no clock: the view is answered from the controller's in-memory
+//! stores. The patch is the difference between the pod as received and the
+//! pod with everything injected, so a pod that already carries it all (a
+//! re-invoked webhook) gets an empty patch.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::{
+    ConfigMapProjection, Container, DownwardAPIVolumeFile, DownwardAPIVolumeSource, EnvVar,
+    KeyToPath, ObjectFieldSelector, Pod, ProjectedVolumeSource, ServiceAccountTokenProjection,
+    Volume, VolumeMount, VolumeProjection,
+};
+use kube::core::admission::{AdmissionRequest, AdmissionResponse};
+use serde::Serialize;
+
+use crate::api::{ANNOTATION_LIMIT, LABEL_INTEGRATION, LABEL_JOB};
+use crate::controller::plan::{AccountPlan, LimitAnnotation, ValidatedIntegration};
+
+/// Annotation naming the containers to inject (comma-separated); all when absent.
+pub const ANNOTATION_CONTAINERS: &str = "saleslayer.io/containers";
+/// Annotation recording what the webhook injected.
+pub const ANNOTATION_INJECTED: &str = "saleslayer.io/injected";
+/// Name of the ConfigMap holding the operator's CA, published in every namespace with an integration.
+pub const CA_CONFIGMAP: &str = "saleslayer-operator-ca";
+/// Audience of the projected service-account token the quota API accepts.
+pub const TOKEN_AUDIENCE: &str = "saleslayer-operator";
+
+const LIMIT_VOLUME: &str = "saleslayer-limit";
+const LIMIT_DIR: &str = "/etc/saleslayer";
+const QUOTA_VOLUME: &str = "saleslayer-quota";
+const QUOTA_DIR: &str = "/var/run/saleslayer";
+/// The shortest expiry the API server allows; the kubelet refreshes it.
+const TOKEN_SECONDS: i64 = 600;
+
+/// What the webhook needs to know about the cluster, answered from memory.
+pub trait IntegrationView {
+    /// The valid integration `namespace/name`, if there is one.
+    fn integration(&self, namespace: &str, name: &str) -> Option<ValidatedIntegration>;
+    /// Names of the integrations in `namespace`, sorted (for denial messages).
+    fn integrations_in(&self, namespace: &str) -> Vec<String>;
+    /// The account plan of `integration` with one more live pod of `job`.
+    fn plan_with_new_pod(&self, integration: &ValidatedIntegration, job: &str) -> AccountPlan;
+}
+
+/// Settings that are the same for every pod.
+#[derive(Debug, Clone)]
+pub struct Injection {
+    /// `SALESLAYER_QUOTA_URL`.
+    pub quota_url: String,
+}
+
+/// Why a pod is refused; the message is shown to whoever created the pod.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Denial(pub String);
+
+/// The whole decision: an allowed response with a patch, or a denial.
+pub fn review(
+    request: &AdmissionRequest<Pod>,
+    view: &dyn IntegrationView,
+    injection: &Injection,
+) -> AdmissionResponse {
+    let response = AdmissionResponse::from(request);
+    match patch_for(request, view, injection) {
+        Ok(patch) if patch.0.is_empty() => response,
+        Ok(patch) => match response.clone().with_patch(patch) {
+            Ok(patched) => patched,
+            Err(error) => response.deny(format!(
+                "saleslayer-operator could not encode its patch: {error}"
+            )),
+        },
+        Err(denial) => response.deny(denial.0),
+    }
+}
+
+/// The JSON Patch that injects the pod's share, or why the pod is refused.
+pub fn patch_for(
+    request: &AdmissionRequest<Pod>,
+    view: &dyn IntegrationView,
+    injection: &Injection,
+) -> Result<json_patch::Patch, Denial> {
+    let Some(pod) = request.object.as_ref() else {
+        return Err(Denial("the admission request carries no pod".into()));
+    };
+    let namespace = request
+        .namespace
+        .clone()
+        .or_else(|| pod.metadata.namespace.clone())
+        .unwrap_or_default();
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    let Some(integration_name) = labels.get(LABEL_INTEGRATION) else {
+        // The objectSelector only sends labelled pods; anything else passes untouched.
+        return Ok(json_patch::Patch(Vec::new()));
+    };
+    let Some(integration) = view.integration(&namespace, integration_name) else {
+        let existing = view.integrations_in(&namespace);
+        return Err(Denial(format!(
+            "pod label {LABEL_INTEGRATION}={integration_name:?} names no SalesLayerIntegration in namespace {namespace:?} (existing: {})",
+            list_or_none(&existing)
+        )));
+    };
+    let registered: Vec<String> = integration.jobs.iter().map(|j| j.name.clone()).collect();
+    let job_name = match labels.get(LABEL_JOB) {
+        Some(job) if registered.contains(job) => job.clone(),
+        Some(job) => {
+            return Err(Denial(format!(
+                "job {job:?} (label {LABEL_JOB}) is not registered in SalesLayerIntegration {namespace}/{integration_name}; registered jobs: {}",
+                list_or_none(&registered)
+            )));
+        }
+        None => {
+            return Err(Denial(format!(
+                "pod has label {LABEL_INTEGRATION} but no {LABEL_JOB}; registered jobs of {namespace}/{integration_name}: {}",
+                list_or_none(&registered)
+            )));
+        }
+    };
+
+    let plan = view.plan_with_new_pod(&integration, &job_name);
+    let key = crate::allocation::JobKey {
+        namespace: namespace.clone(),
+        integration: integration.name.clone(),
+        job: job_name.clone(),
+    };
+    let Some(job) = plan.job(&key) else {
+        return Err(Denial(format!(
+            "no allocation for job {job_name:?} of {namespace}/{integration_name}; is its account's controller running?"
+        )));
+    };
+    let share = LimitAnnotation::from(job.per_pod);
+
+    let env = environment(
+        &integration,
+        &job_name,
+        &plan,
+        job.requests,
+        share,
+        injection,
+    );
+    let mut mutated = pod.clone();
+    let targets = targets(pod)?;
+    let spec = mutated.spec.get_or_insert_with(Default::default);
+    let mut injected = Vec::new();
+    for container in spec
+        .init_containers
+        .iter_mut()
+        .flatten()
+        .chain(spec.containers.iter_mut())
+    {
+        if targets.as_ref().is_none_or(|t| t.contains(&container.name)) {
+            inject_container(container, &env);
+            injected.push(container.name.clone());
+        }
+    }
+    let volumes = spec.volumes.get_or_insert_with(Vec::new);
+    upsert_by_name(volumes, limit_volume(), |v| &v.name);
+    upsert_by_name(volumes, quota_volume(), |v| &v.name);
+
+    let record = InjectedRecord {
+        containers: injected,
+        volumes: [LIMIT_VOLUME, QUOTA_VOLUME],
+    };
+    let annotations = mutated
+        .metadata
+        .annotations
+        .get_or_insert_with(BTreeMap::new);
+    annotations.insert(ANNOTATION_LIMIT.into(), share.to_json());
+    annotations.insert(
+        ANNOTATION_INJECTED.into(),
+        serde_json::to_string(&record).unwrap_or_default(),
+    );
+
+    let before = serde_json::to_value(pod).map_err(|e| Denial(format!("reading the pod: {e}")))?;
+    let after =
+        serde_json::to_value(&mutated).map_err(|e| Denial(format!("building the patch: {e}")))?;
+    Ok(json_patch::diff(&before, &after))
+}
+
+#[derive(Serialize)]
+struct InjectedRecord {
+    containers: Vec<String>,
+    volumes: [&'static str; 2],
+}
+
+fn list_or_none(names: &[String]) -> String {
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
+    }
+}
+
+/// The containers named in `saleslayer.io/containers`, each checked to exist.
+fn targets(pod: &Pod) -> Result<Option<BTreeSet<String>>, Denial> {
+    let Some(wanted) = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_CONTAINERS))
+    else {
+        return Ok(None);
+    };
+    let spec = pod.spec.as_ref();
+    let existing: Vec<String> = spec
+        .into_iter()
+        .flat_map(|s| {
+            s.init_containers
+                .iter()
+                .flatten()
+                .chain(s.containers.iter())
+        })
+        .map(|c| c.name.clone())
+        .collect();
+    let wanted: BTreeSet<String> = wanted
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let unknown: Vec<String> = wanted
+        .iter()
+        .filter(|n| !existing.contains(n))
+        .cloned()
+        .collect();
+    if !unknown.is_empty() {
+        return Err(Denial(format!(
+            "annotation {ANNOTATION_CONTAINERS} names containers the pod does not have: {} (the pod has: {})",
+            unknown.join(", "),
+            list_or_none(&existing)
+        )));
+    }
+    Ok(Some(wanted))
+}
+
+fn environment(
+    integration: &ValidatedIntegration,
+    job: &str,
+    plan: &AccountPlan,
+    job_requests: u32,
+    share: LimitAnnotation,
+    injection: &Injection,
+) -> Vec<EnvVar> {
+    let pairs = [
+        ("SALESLAYER_INTEGRATION", integration.name.clone()),
+        ("SALESLAYER_JOB", job.to_owned()),
+        ("SALESLAYER_ACCOUNT", integration.account.clone()),
+        ("SALESLAYER_RATE_REQUESTS", share.requests.to_string()),
+        ("SALESLAYER_RATE_PERIOD_MS", share.period_millis.to_string()),
+        ("SALESLAYER_JOB_RATE_REQUESTS", job_requests.to_string()),
+        (
+            "SALESLAYER_JOB_RATE_PERIOD_MS",
+            plan.budget.period_millis.to_string(),
+        ),
+        (
+            "SALESLAYER_MAX_CONCURRENCY",
+            share.max_concurrency.to_string(),
+        ),
+        (
+            "SALESLAYER_RETRY_MAX_ATTEMPTS",
+            integration.retry.max_attempts.to_string(),
+        ),
+        (
+            "SALESLAYER_RETRY_BASE_DELAY_MS",
+            integration.retry.base_delay_millis.to_string(),
+        ),
+        (
+            "SALESLAYER_RETRY_MAX_DELAY_MS",
+            integration.retry.max_delay_millis.to_string(),
+        ),
+        ("SALESLAYER_LIMIT_FILE", format!("{LIMIT_DIR}/limit")),
+        ("SALESLAYER_QUOTA_URL", injection.quota_url.clone()),
+        ("SALESLAYER_TOKEN_FILE", format!("{QUOTA_DIR}/token")),
+        ("SALESLAYER_CA_FILE", format!("{QUOTA_DIR}/ca.crt")),
+    ];
+    pairs
+        .into_iter()
+        .map(|(name, value)| EnvVar {
+            name: name.into(),
+            value: Some(value),
+            value_from: None,
+        })
+        .collect()
+}
+
+fn inject_container(container: &mut Container, env: &[EnvVar]) {
+    let vars = container.env.get_or_insert_with(Vec::new);
+    for var in env {
+        upsert_by_name(vars, var.clone(), |v| &v.name);
+    }
+    let mounts = container.volume_mounts.get_or_insert_with(Vec::new);
+    for (name, path) in [(LIMIT_VOLUME, LIMIT_DIR), (QUOTA_VOLUME, QUOTA_DIR)] {
+        upsert_by_name(
+            mounts,
+            VolumeMount {
+                name: name.into(),
+                mount_path: path.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+            |m| &m.name,
+        );
+    }
+}
+
+/// Replace the item with the same name in place, or append it.
+fn upsert_by_name<T>(items: &mut Vec<T>, item: T, name: impl Fn(&T) -> &String) {
+    match items
+        .iter()
+        .position(|existing| name(existing) == name(&item))
+    {
+        Some(index) => items[index] = item,
+        None => items.push(item),
+    }
+}
+
+fn limit_volume() -> Volume {
+    Volume {
+        name: LIMIT_VOLUME.into(),
+        downward_api: Some(DownwardAPIVolumeSource {
+            items: Some(vec![DownwardAPIVolumeFile {
+                path: "limit".into(),
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: format!("metadata.annotations['{ANNOTATION_LIMIT}']"),
+                    api_version: None,
+                }),
+                ..DownwardAPIVolumeFile::default()
+            }]),
+            ..DownwardAPIVolumeSource::default()
+        }),
+        ..Volume::default()
+    }
+}
+
+fn quota_volume() -> Volume {
+    Volume {
+        name: QUOTA_VOLUME.into(),
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(vec![
+                VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        audience: Some(TOKEN_AUDIENCE.into()),
+                        expiration_seconds: Some(TOKEN_SECONDS),
+                        path: "token".into(),
+                        ..ServiceAccountTokenProjection::default()
+                    }),
+                    ..VolumeProjection::default()
+                },
+                VolumeProjection {
+                    config_map: Some(ConfigMapProjection {
+                        name: CA_CONFIGMAP.into(),
+                        items: Some(vec![KeyToPath {
+                            key: "ca.crt".into(),
+                            path: "ca.crt".into(),
+                            ..KeyToPath::default()
+                        }]),
+                        optional: None,
+                    }),
+                    ..VolumeProjection::default()
+                },
+            ]),
+            ..ProjectedVolumeSource::default()
+        }),
+        ..Volume::default()
+    }
+}

@@ -1,0 +1,292 @@
+//! The admission webhook through a real API server: pods get their share
+//! injected, bad pods are refused with a message, unlabelled pods are never
+//! sent to the webhook.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Container, Pod};
+use kube::Api;
+use kube::api::{ObjectMeta, PostParams};
+use saleslayer_operator::api::SalesLayerIntegration;
+
+use crate::support::{Env, eventually, labelled_pod};
+
+const INTEGRATION: &str = "apiVersion: saleslayer.io/v1alpha1
+kind: SalesLayerIntegration
+metadata: {name: catalog, namespace: shop}
+spec:
+  account: acme-prod
+  jobs:
+  - {name: product-import, weight: 3, maxConcurrency: 4}
+  - {name: price-sync, weight: 1}
+  - {name: stock-sync, weight: 1}
+  retry: {maxAttempts: 5, baseDelayMillis: 500, maxDelayMillis: 4000}
+";
+
+async fn ready(env: &Env) {
+    let (ok, out) = env.kubectl_apply(INTEGRATION);
+    assert!(ok, "{out}");
+    // The webhook answers from the operator's stores: wait until they hold it.
+    eventually("integration reconciled", || async {
+        let sli = Api::<SalesLayerIntegration>::namespaced(env.client.clone(), "shop")
+            .get("catalog")
+            .await
+            .map_err(|e| e.to_string())?;
+        sli.status.map(|_| ()).ok_or_else(|| "no status".to_owned())
+    })
+    .await;
+}
+
+fn env_of(container: &Container) -> BTreeMap<String, String> {
+    container
+        .env
+        .iter()
+        .flatten()
+        .filter_map(|v| Some((v.name.clone(), v.value.clone()?)))
+        .collect()
+}
+
+fn labelled(name: Option<&str>, generate: Option<&str>, job: &str) -> Pod {
+    labelled_pod(name, generate, "catalog", job)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_get_their_share_injected() {
+    let env = Env::with_operator().await;
+    env.namespace("shop").await;
+    ready(&env).await;
+    let pods = Api::<Pod>::namespaced(env.client.clone(), "shop");
+
+    // A pod with a native sidecar: both containers are injected.
+    let mut pod = labelled(Some("import-0"), None, "product-import");
+    pod.spec.as_mut().expect("spec").init_containers = Some(vec![Container {
+        name: "sidecar".into(),
+        image: Some("example.com/sidecar:1".into()),
+        restart_policy: Some("Always".into()),
+        ..Container::default()
+    }]);
+    let pod = pods
+        .create(&PostParams::default(), &pod)
+        .await
+        .expect("create pod");
+    let spec = pod.spec.as_ref().expect("spec");
+    let main = env_of(&spec.containers[0]);
+    // The first pod of product-import is counted live: 24 of 40, all its own.
+    let expected = [
+        ("SALESLAYER_INTEGRATION", "catalog"),
+        ("SALESLAYER_JOB", "product-import"),
+        ("SALESLAYER_ACCOUNT", "acme-prod"),
+        ("SALESLAYER_RATE_REQUESTS", "24"),
+        ("SALESLAYER_RATE_PERIOD_MS", "10000"),
+        ("SALESLAYER_JOB_RATE_REQUESTS", "24"),
+        ("SALESLAYER_JOB_RATE_PERIOD_MS", "10000"),
+        ("SALESLAYER_MAX_CONCURRENCY", "4"),
+        ("SALESLAYER_RETRY_MAX_ATTEMPTS", "5"),
+        ("SALESLAYER_RETRY_BASE_DELAY_MS", "500"),
+        ("SALESLAYER_RETRY_MAX_DELAY_MS", "4000"),
+        ("SALESLAYER_LIMIT_FILE", "/etc/saleslayer/limit"),
+        ("SALESLAYER_TOKEN_FILE", "/var/run/saleslayer/token"),
+        ("SALESLAYER_CA_FILE", "/var/run/saleslayer/ca.crt"),
+    ];
+    for (name, value) in expected {
+        assert_eq!(
+            main.get(name).map(String::as_str),
+            Some(value),
+            "{name} in {main:?}"
+        );
+    }
+    assert!(
+        main.get("SALESLAYER_QUOTA_URL")
+            .is_some_and(|u| u.starts_with("https://127.0.0.1:"))
+    );
+    let sidecar = env_of(&spec.init_containers.as_ref().expect("init containers")[0]);
+    assert_eq!(
+        sidecar.get("SALESLAYER_JOB").map(String::as_str),
+        Some("product-import")
+    );
+
+    let volumes: Vec<&str> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .map(|v| v.name.as_str())
+        .collect();
+    assert!(
+        volumes.contains(&"saleslayer-limit") && volumes.contains(&"saleslayer-quota"),
+        "{volumes:?}"
+    );
+    let quota = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "saleslayer-quota")
+        .expect("quota volume");
+    let token = quota
+        .projected
+        .as_ref()
+        .and_then(|p| p.sources.as_ref())
+        .and_then(|s| s[0].service_account_token.as_ref())
+        .expect("token projection");
+    assert_eq!(token.audience.as_deref(), Some("saleslayer-operator"));
+    let mounts: Vec<(&str, &str)> = spec.containers[0]
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| (m.name.as_str(), m.mount_path.as_str()))
+        .collect();
+    assert!(
+        mounts.contains(&("saleslayer-limit", "/etc/saleslayer")),
+        "{mounts:?}"
+    );
+
+    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+    let limit: serde_json::Value =
+        serde_json::from_str(&annotations["saleslayer.io/limit"]).expect("limit JSON");
+    assert_eq!(
+        limit,
+        serde_json::json!({"requests": 24, "periodMillis": 10000, "maxConcurrency": 4})
+    );
+    assert!(annotations["saleslayer.io/injected"].contains("\"sidecar\""));
+
+    // The CA the pods trust is published in their namespace.
+    eventually("CA ConfigMap", || async {
+        Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(env.client.clone(), "shop")
+            .get("saleslayer-operator-ca")
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|m| {
+                m.data
+                    .and_then(|d| d.get("ca.crt").cloned())
+                    .ok_or_else(|| "no ca.crt".into())
+            })
+    })
+    .await;
+
+    // A pod made by a Job (generateName, no name yet) is injected; the second
+    // pod of the job halves the share at admission.
+    let generated = pods
+        .create(
+            &PostParams::default(),
+            &labelled(None, Some("product-import-"), "product-import"),
+        )
+        .await
+        .expect("create generated pod");
+    let generated_env = env_of(&generated.spec.as_ref().expect("spec").containers[0]);
+    assert_eq!(
+        generated_env
+            .get("SALESLAYER_RATE_REQUESTS")
+            .map(String::as_str),
+        Some("12")
+    );
+    assert_eq!(
+        generated_env
+            .get("SALESLAYER_MAX_CONCURRENCY")
+            .map(String::as_str),
+        Some("2")
+    );
+
+    // Re-submitting an injected pod (same spec, new name) duplicates nothing.
+    let mut again = pod.clone();
+    again.metadata = ObjectMeta {
+        name: Some("import-copy".into()),
+        labels: pod.metadata.labels.clone(),
+        annotations: pod.metadata.annotations.clone(),
+        ..ObjectMeta::default()
+    };
+    let again = pods
+        .create(&PostParams::default(), &again)
+        .await
+        .expect("create copy");
+    let again_spec = again.spec.as_ref().expect("spec");
+    let names: Vec<&str> = again_spec.containers[0]
+        .env
+        .iter()
+        .flatten()
+        .map(|v| v.name.as_str())
+        .collect();
+    let mut unique = names.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(names.len(), unique.len(), "duplicated env: {names:?}");
+    assert_eq!(
+        again_spec
+            .volumes
+            .iter()
+            .flatten()
+            .filter(|v| v.name.starts_with("saleslayer-"))
+            .count(),
+        2
+    );
+
+    // Dry-run requests are answered too.
+    let (ok, out) = env.kubectl_stdin(
+        &["create", "--dry-run=server", "-o", "jsonpath={.metadata.annotations.saleslayer\\.io/limit}", "-f", "-"],
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: dry, namespace: shop, labels: {saleslayer.io/integration: catalog, saleslayer.io/job: price-sync}}\nspec: {containers: [{name: main, image: x}]}\n",
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("\"requests\":8"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_pods_are_refused_and_unlabelled_pods_never_reach_the_webhook() {
+    let mut env = Env::with_operator().await;
+    env.namespace("shop").await;
+    ready(&env).await;
+
+    let (ok, out) = env.kubectl_stdin(
+        &["create", "-f", "-"],
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: stray, namespace: shop, labels: {saleslayer.io/integration: catalog, saleslayer.io/job: image-sync}}\nspec: {containers: [{name: main, image: x}]}\n",
+    );
+    assert!(!ok, "a pod of an unregistered job was admitted: {out}");
+    assert!(
+        out.contains("\"image-sync\"") && out.contains("product-import, price-sync, stock-sync")
+            || out.contains("\"image-sync\"") && out.contains("registered jobs"),
+        "{out}"
+    );
+
+    let (ok, out) = env.kubectl_stdin(
+        &["create", "-f", "-"],
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: lost, namespace: shop, labels: {saleslayer.io/integration: nope, saleslayer.io/job: a}}\nspec: {containers: [{name: main, image: x}]}\n",
+    );
+    assert!(!ok, "{out}");
+    assert!(out.contains("\"nope\"") && out.contains("catalog"), "{out}");
+
+    // With the webhook gone (failurePolicy Fail), labelled pods are refused
+    // but unlabelled pods are created: they are never sent to it.
+    env.stop_operator();
+    let pods = Api::<Pod>::namespaced(env.client.clone(), "shop");
+    eventually("labelled pods refused once the webhook is down", || async {
+        match pods
+            .create(
+                &PostParams::default(),
+                &labelled(None, Some("probe-"), "price-sync"),
+            )
+            .await
+        {
+            Err(kube::Error::Api(status)) if status.message.contains("pods.saleslayer.io") => {
+                Ok(())
+            }
+            other => Err(format!("{:?}", other.map(|p| p.metadata.name))),
+        }
+    })
+    .await;
+    let plain = Pod {
+        metadata: ObjectMeta {
+            name: Some("plain".into()),
+            ..ObjectMeta::default()
+        },
+        spec: labelled(None, None, "x").spec,
+        ..Pod::default()
+    };
+    let plain = pods
+        .create(&PostParams::default(), &plain)
+        .await
+        .expect("unlabelled pod admitted");
+    assert!(
+        !plain
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .contains_key("saleslayer.io/injected")
+    );
+}
