@@ -10,11 +10,14 @@
 //! `DESIGN.md` for the contracts each one builds against.
 #![forbid(unsafe_code)]
 
+pub mod alerts;
 pub mod allocation;
 pub mod api;
 pub mod certs;
 pub mod cli;
 pub mod controller;
+pub mod metrics;
 pub mod operator;
+pub mod quota;
 pub mod testenv;
 pub mod webhook;

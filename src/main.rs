@@ -75,7 +75,7 @@ async fn operate(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(
         quota = %args.quota_bind,
         metrics = %args.metrics_bind,
-        "starting; the quota API and /metrics are not built yet (issue #5)"
+        "starting; /metrics is not built yet (issue #5)"
     );
     operator::run(client, args, shutdown_signal()).await?;
     tracing::info!("stopped");

@@ -6,17 +6,20 @@
 //! nothing here decides allocations (that is `controller::plan` and
 //! `allocation`).
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum_server::tls_rustls::RustlsConfig;
 use futures::FutureExt;
 use kube::Client;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::certs::{self, Authority};
 use crate::cli::RunArgs;
 use crate::controller;
+use crate::metrics::Metrics;
+use crate::quota::{self, Quota, auth::Authenticator, throttle::ThrottleBook};
 use crate::webhook::{self, mutate::Injection};
 
 /// The Services of the chart whose DNS names the serving certificate covers.
@@ -80,8 +83,22 @@ pub async fn run(
     .await
     .map_err(Error::Tls)?;
 
-    let (stores, controller) =
-        controller::controller(client.clone(), Some(ca_pem.clone()), stopped());
+    let metrics = Arc::new(Metrics::default());
+    let metrics_server = tokio::spawn(crate::metrics::serve(
+        args.metrics_bind,
+        metrics.clone(),
+        stopped(),
+    ));
+    info!(metrics = %args.metrics_bind, "serving /metrics, /healthz, /readyz");
+    let throttling = Arc::new(Mutex::new(ThrottleBook::default()));
+    let (changed_tx, changed_rx) = mpsc::unbounded_channel();
+    let shared = controller::Shared {
+        ca_pem: Some(ca_pem.clone()),
+        throttling: throttling.clone(),
+        changed: changed_rx,
+        metrics: metrics.controller.clone(),
+    };
+    let (stores, controller) = controller::controller(client.clone(), shared, stopped());
     let controller = tokio::spawn(controller);
 
     // Serve first, then register: a registered webhook that does not answer
@@ -89,7 +106,21 @@ pub async fn run(
     let injection = Injection {
         quota_url: quota_url(&args, &namespace),
     };
-    let router = webhook::router(stores, injection);
+    let quota = Arc::new(Quota::new(
+        stores.clone(),
+        Authenticator::new(client.clone()),
+        throttling,
+        changed_tx,
+        metrics.quota.clone(),
+    ));
+    let quota_server = tokio::spawn(webhook::serve(
+        args.quota_bind,
+        tls.clone(),
+        quota::router(quota),
+        stopped(),
+    ));
+    info!(quota = %args.quota_bind, "serving the quota API");
+    let router = webhook::router(stores, injection, metrics.webhook.clone());
     let server = tokio::spawn(webhook::serve(
         args.webhook_bind,
         tls.clone(),
@@ -127,7 +158,19 @@ pub async fn run(
         }
         Err(error) => warn!(%error, "the webhook server task failed"),
     }
+    match quota_server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            warn!(%error, bind = %args.quota_bind, "the quota API stopped; the controller keeps running")
+        }
+        Err(error) => warn!(%error, "the quota API task failed"),
+    }
     let _ = controller.await;
+    match metrics_server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => warn!(%error, bind = %args.metrics_bind, "/metrics could not be served"),
+        Err(error) => warn!(%error, "the metrics task failed"),
+    }
     Ok(())
 }
 

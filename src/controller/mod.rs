@@ -14,10 +14,11 @@
 //! account, so siblings converge too. Nothing read from the cluster can
 //! crash the process: errors requeue with backoff and show in `Ready`.
 
+pub mod index;
 pub mod plan;
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
@@ -36,6 +37,9 @@ use tracing::{info, warn};
 
 use crate::allocation::JobKey;
 use crate::api::{ANNOTATION_LIMIT, LABEL_INTEGRATION, LABEL_JOB, SalesLayerIntegration};
+use crate::metrics::{AccountLabels, ControllerMetrics, JobLabels, OutcomeLabels};
+use crate::quota::throttle::ThrottleBook;
+use index::PodIndex;
 use plan::{AccountPlan, PodCounts, ValidatedIntegration};
 
 /// The one field manager every write of the operator goes through.
@@ -72,6 +76,8 @@ impl Error {
 pub struct Stores {
     pub integrations: Store<SalesLayerIntegration>,
     pub pods: Store<PartialObjectMeta<Pod>>,
+    /// Live pods per job, from the same watch as `pods`.
+    pub index: Arc<RwLock<PodIndex>>,
 }
 
 impl Stores {
@@ -85,16 +91,16 @@ impl Stores {
             .filter_map(|sli| plan::validate(sli).ok())
             .collect();
         members.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-        let wanted: BTreeSet<(&str, &str)> = members
-            .iter()
-            .map(|m| (m.namespace.as_str(), m.name.as_str()))
-            .collect();
         let mut pods = PodCounts::new();
-        for pod in self.pods.state() {
-            if let Some(key) = live_pod_key(&pod)
-                && wanted.contains(&(key.namespace.as_str(), key.integration.as_str()))
-            {
-                *pods.entry(key).or_default() += 1;
+        if let Ok(index) = self.index.read() {
+            for member in &members {
+                for job in &member.jobs {
+                    let key = member.key(&job.name);
+                    let count = index.count(&key);
+                    if count > 0 {
+                        pods.insert(key, count);
+                    }
+                }
             }
         }
         (members, pods)
@@ -140,6 +146,36 @@ struct Context {
     ca_pem: Option<String>,
     /// Namespaces whose CA ConfigMap is known to be current.
     ca_published: Mutex<BTreeSet<String>>,
+    /// Throttled windows per job, filled by the quota API.
+    throttling: Arc<Mutex<ThrottleBook>>,
+    /// Client for alert notifications.
+    http: reqwest::Client,
+    metrics: ControllerMetrics,
+}
+
+/// What the controller shares with the rest of the operator.
+pub struct Shared {
+    /// The operator's CA, published as ConfigMap `saleslayer-operator-ca`.
+    pub ca_pem: Option<String>,
+    /// Throttled windows per job, filled by the quota API.
+    pub throttling: Arc<Mutex<ThrottleBook>>,
+    /// Integrations to reconcile because their throttling changed.
+    pub changed: mpsc::UnboundedReceiver<ObjectRef<SalesLayerIntegration>>,
+    /// The controller's series.
+    pub metrics: ControllerMetrics,
+}
+
+impl Shared {
+    /// Nothing shared: no CA, an empty throttle book, no quota API.
+    pub fn standalone() -> Self {
+        let (_, changed) = mpsc::unbounded_channel();
+        Self {
+            ca_pem: None,
+            throttling: Arc::default(),
+            changed,
+            metrics: crate::metrics::Metrics::default().controller,
+        }
+    }
 }
 
 /// Build the watches and return the stores (for the webhook) and the
@@ -147,7 +183,7 @@ struct Context {
 /// while the returned future is polled.
 pub fn controller(
     client: Client,
-    ca_pem: Option<String>,
+    shared: Shared,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> (Stores, impl Future<Output = ()> + Send + 'static) {
     let integrations = Api::<SalesLayerIntegration>::all(client.clone());
@@ -159,6 +195,7 @@ pub fn controller(
     let stores = Stores {
         integrations: sli_reader.clone(),
         pods: pod_reader,
+        index: Arc::default(),
     };
 
     let sli_stream = reflector::reflector(
@@ -178,8 +215,14 @@ pub fn controller(
     let pod_config = watcher::Config::default()
         .labels(LABEL_INTEGRATION)
         .fields(LIVE_POD_FIELDS);
+    let index = stores.index.clone();
     let pod_stream = reflector::reflector(pod_writer, watcher(pods, pod_config))
         .default_backoff()
+        .inspect(move |event| {
+            if let (Ok(event), Ok(mut index)) = (event, index.write()) {
+                index.apply(event);
+            }
+        })
         .touched_objects();
     let pod_stores = stores.clone();
 
@@ -193,8 +236,11 @@ pub fn controller(
         ),
         client,
         stores: stores.clone(),
-        ca_pem,
+        ca_pem: shared.ca_pem,
         ca_published: Mutex::default(),
+        throttling: shared.throttling,
+        http: reqwest::Client::new(),
+        metrics: shared.metrics,
     });
 
     let running = Controller::for_stream(sli_stream, sli_reader)
@@ -209,7 +255,10 @@ pub fn controller(
                 .unwrap_or_default();
             pod_stores.siblings_of(&namespace, &integration)
         })
-        .reconcile_on(tokio_stream_from(sibling_rx))
+        .reconcile_on(futures::stream::select(
+            tokio_stream_from(sibling_rx),
+            tokio_stream_from(shared.changed),
+        ))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, context)
         .for_each(|result| async move {
@@ -222,7 +271,7 @@ pub fn controller(
 
 /// Run the controller alone until `shutdown` resolves.
 pub async fn run(client: Client, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
-    controller(client, None, shutdown).1.await;
+    controller(client, Shared::standalone(), shutdown).1.await;
 }
 
 /// Pass integration events through, and queue every integration on the
@@ -258,6 +307,16 @@ fn tokio_stream_from<T: Send + 'static>(
 }
 
 async fn reconcile(sli: Arc<SalesLayerIntegration>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    ctx.metrics.reconciles.inc();
+    let result = reconcile_inner(sli, &ctx).await;
+    ctx.metrics
+        .reconcile_duration
+        .observe(started.elapsed().as_secs_f64());
+    result
+}
+
+async fn reconcile_inner(sli: Arc<SalesLayerIntegration>, ctx: &Context) -> Result<Action, Error> {
     let namespace = sli.namespace().unwrap_or_default();
     let name = sli.name_any();
     let span = tracing::info_span!("reconcile", %namespace, integration = %name, account = %sli.spec.account);
@@ -280,8 +339,8 @@ async fn reconcile(sli: Arc<SalesLayerIntegration>, ctx: Arc<Context>) -> Result
     let account_plan = plan::plan_account(&members, &pods);
 
     // apply: the CA for the pods' quota clients, and the pods whose share changed
-    let applied = match publish_ca(&ctx, &namespace).await {
-        Ok(()) => annotate_pods(&ctx, &integration, &account_plan).await,
+    let applied = match publish_ca(ctx, &namespace).await {
+        Ok(()) => annotate_pods(ctx, &integration, &account_plan).await,
         Err(error) => Err(error),
     };
     if let Err(error) = applied {
@@ -294,17 +353,172 @@ async fn reconcile(sli: Arc<SalesLayerIntegration>, ctx: Arc<Context>) -> Result
     }
 
     // status
+    let now_ms = crate::quota::now_millis();
+    let period = account_plan.budget.period_millis.max(1);
+    let throttling = job_throttling(ctx, &integration, now_ms, period);
     let previous = sli.status.as_ref();
-    let status = plan::desired_status(&integration, &account_plan, previous, now);
+    let status = plan::desired_status(&integration, &account_plan, previous, &throttling, now);
+    record(ctx, &integration, &account_plan, &status);
     if previous.is_none_or(|p| !same_status(p, &status)) {
-        publish_changes(&ctx, &sli, previous, &status, &account_plan).await;
+        publish_changes(ctx, &sli, previous, &status, &account_plan).await;
+        alert_on_change(ctx, &sli, &integration, previous, &status, &throttling).await;
         patch_status(&ctx.client, &sli, &status).await?;
         info!(
             allocations = ?status.jobs.iter().map(|j| (&j.name, j.allocated_requests, j.pods)).collect::<Vec<_>>(),
             "status updated"
         );
     }
+    // While any job is throttled, look again when the window ends: a window
+    // without throttled reports ends the run even if nobody reports.
+    if throttling.values().any(|t| t.windows > 0) {
+        let next = (now_ms / period + 1) * period;
+        return Ok(Action::requeue(Duration::from_millis(next - now_ms + 50)));
+    }
     Ok(Action::requeue(RESYNC))
+}
+
+/// Allocation gauges for the integration's jobs and its account.
+fn record(
+    ctx: &Context,
+    integration: &ValidatedIntegration,
+    account_plan: &AccountPlan,
+    status: &crate::api::SalesLayerIntegrationStatus,
+) {
+    let metrics = &ctx.metrics;
+    metrics
+        .usable
+        .get_or_create(&AccountLabels {
+            account: account_plan.account.clone(),
+        })
+        .set(i64::from(account_plan.budget.requests));
+    let threshold = integration.alerting.persistent_windows.max(1);
+    for job in &status.jobs {
+        let labels = JobLabels {
+            namespace: integration.namespace.clone(),
+            integration: integration.name.clone(),
+            job: job.name.clone(),
+        };
+        metrics
+            .allocated
+            .get_or_create(&labels)
+            .set(i64::from(job.allocated_requests));
+        metrics.pods.get_or_create(&labels).set(i64::from(job.pods));
+        metrics
+            .persistent_throttling
+            .get_or_create(&labels)
+            .set(i64::from(job.throttled_windows >= threshold));
+    }
+}
+
+/// The throttling of the integration's jobs as of `now_ms`.
+fn job_throttling(
+    ctx: &Context,
+    integration: &ValidatedIntegration,
+    now_ms: u64,
+    period: u64,
+) -> std::collections::BTreeMap<String, plan::JobThrottling> {
+    let window = crate::quota::throttle::window_of(now_ms, period);
+    let Ok(book) = ctx.throttling.lock() else {
+        return Default::default();
+    };
+    integration
+        .jobs
+        .iter()
+        .filter_map(|job| {
+            let state = book.job(&integration.key(&job.name))?;
+            let windows = state.throttled_windows(window);
+            Some((
+                job.name.clone(),
+                plan::JobThrottling {
+                    windows,
+                    last_throttled_millis: state.last_throttled_millis,
+                    throttled_requests: if windows > 0 { state.run_throttled } else { 0 },
+                },
+            ))
+        })
+        .collect()
+}
+
+/// When `PersistentThrottling` flips: an Event, and a notification if configured.
+async fn alert_on_change(
+    ctx: &Context,
+    sli: &SalesLayerIntegration,
+    integration: &ValidatedIntegration,
+    previous: Option<&crate::api::SalesLayerIntegrationStatus>,
+    status: &crate::api::SalesLayerIntegrationStatus,
+    throttling: &std::collections::BTreeMap<String, plan::JobThrottling>,
+) {
+    let firing = |s: &crate::api::SalesLayerIntegrationStatus| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == plan::conditions::PERSISTENT_THROTTLING)
+            .map(|c| {
+                (
+                    c.status == "True",
+                    c.message.clone(),
+                    c.last_transition_time.clone(),
+                )
+            })
+    };
+    let was = previous.and_then(firing).is_some_and(|(on, _, _)| on);
+    let Some((is, message, since)) = firing(status) else {
+        return;
+    };
+    if was == is {
+        return;
+    }
+    let reference = sli.object_ref(&());
+    let (type_, reason, state) = if is {
+        (EventType::Warning, "PersistentThrottling", "firing")
+    } else {
+        (EventType::Normal, "ThrottlingResolved", "resolved")
+    };
+    emit(ctx, &reference, type_, reason, message).await;
+    let Some(notify) = &integration.alerting.notify else {
+        return;
+    };
+    let jobs: Vec<String> = if is {
+        status
+            .summary
+            .as_ref()
+            .map(|s| s.throttling.split(',').map(str::to_owned).collect())
+            .unwrap_or_default()
+    } else {
+        previous
+            .and_then(|p| p.summary.as_ref())
+            .map(|s| {
+                s.throttling
+                    .split(',')
+                    .filter(|j| *j != "none")
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let notification = crate::alerts::Notification {
+        integration: integration.name.clone(),
+        namespace: integration.namespace.clone(),
+        throttled_requests: jobs
+            .iter()
+            .filter_map(|j| throttling.get(j))
+            .map(|t| t.throttled_requests)
+            .sum(),
+        windows: jobs
+            .iter()
+            .filter_map(|j| throttling.get(j))
+            .map(|t| t.windows)
+            .max()
+            .unwrap_or(0),
+        jobs,
+        state,
+        since: since.0.to_string(),
+    };
+    match crate::alerts::target(&ctx.client, &integration.namespace, &notify.secret_ref).await {
+        Ok(url) => {
+            tokio::spawn(crate::alerts::send(ctx.http.clone(), url, notification));
+        }
+        Err(error) => warn!(%error, "cannot notify about persistent throttling"),
+    }
 }
 
 /// Equal for the purpose of writing: conditions compare without their
@@ -328,47 +542,55 @@ async fn annotate_pods(
     integration: &ValidatedIntegration,
     account_plan: &AccountPlan,
 ) -> Result<(), Error> {
-    for pod in ctx.stores.pods.state() {
-        let Some(key) = live_pod_key(&pod) else {
-            continue;
-        };
-        if key.namespace != integration.namespace || key.integration != integration.name {
-            continue;
+    // Which pods need a new annotation, decided under the lock, written after.
+    let mut writes = Vec::new();
+    if let Ok(index) = ctx.stores.index.read() {
+        for job in &integration.jobs {
+            let key = integration.key(&job.name);
+            let Some(limit) = plan::pod_limit(account_plan, &key) else {
+                continue;
+            };
+            let wanted = limit.to_json();
+            for name in index.pods_of(&key) {
+                let current = ctx
+                    .stores
+                    .pods
+                    .get(&ObjectRef::new(name).within(&key.namespace))
+                    .and_then(|pod| {
+                        pod.metadata
+                            .annotations
+                            .as_ref()?
+                            .get(ANNOTATION_LIMIT)
+                            .cloned()
+                    });
+                if current.as_ref() != Some(&wanted) {
+                    writes.push((name.clone(), wanted.clone()));
+                }
+            }
         }
-        let Some(limit) = plan::pod_limit(account_plan, &key) else {
-            continue;
-        };
-        let wanted = limit.to_json();
-        let current = pod
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(ANNOTATION_LIMIT));
-        if current == Some(&wanted) {
-            continue;
-        }
-        let name = pod.name_any();
+    }
+    let pods = Api::<Pod>::namespaced(ctx.client.clone(), &integration.namespace);
+    for (name, wanted) in writes {
         let patch = json!({
             "apiVersion": "v1",
             "kind": "Pod",
             "metadata": { "name": name, "annotations": { ANNOTATION_LIMIT: wanted } },
         });
-        Api::<Pod>::namespaced(ctx.client.clone(), &key.namespace)
-            .patch(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await
-            .map(|_| ())
-            .or_else(|error| match error {
-                // The pod went away meanwhile: nothing left to annotate.
-                kube::Error::Api(ref status) if status.code == 404 => Ok(()),
-                other => Err(Error::AnnotatePod(
-                    format!("{}/{name}", key.namespace),
-                    other,
-                )),
-            })?;
+        pods.patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map(|_| ())
+        .or_else(|error| match error {
+            // The pod went away meanwhile: nothing left to annotate.
+            kube::Error::Api(ref status) if status.code == 404 => Ok(()),
+            other => Err(Error::AnnotatePod(
+                format!("{}/{name}", integration.namespace),
+                other,
+            )),
+        })?;
     }
     Ok(())
 }
@@ -504,7 +726,13 @@ async fn emit(
     }
 }
 
-fn error_policy(sli: Arc<SalesLayerIntegration>, error: &Error, _ctx: Arc<Context>) -> Action {
+fn error_policy(sli: Arc<SalesLayerIntegration>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&OutcomeLabels {
+            outcome: error.reason().to_owned(),
+        })
+        .inc();
     warn!(
         namespace = %sli.namespace().unwrap_or_default(),
         integration = %sli.name_any(),

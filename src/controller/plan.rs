@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::allocation::{self, AccountAllocation, JobKey, JobRequest, PodShare, UsableBudget};
 use crate::api::{
-    JobSpec, JobStatus, PerPodStatus, RateLimit, RetryPolicy, SalesLayerIntegration,
+    Alerting, JobSpec, JobStatus, PerPodStatus, RateLimit, RetryPolicy, SalesLayerIntegration,
     SalesLayerIntegrationStatus, StatusSummary, UsableStatus,
 };
 
@@ -22,6 +22,7 @@ pub mod conditions {
     pub const READY: &str = "Ready";
     pub const OVERCOMMITTED: &str = "Overcommitted";
     pub const ACCOUNT_SHARED: &str = "AccountShared";
+    pub const PERSISTENT_THROTTLING: &str = "PersistentThrottling";
 
     pub const REASON_ALLOCATED: &str = "Allocated";
     pub const REASON_INVALID_SPEC: &str = "InvalidSpec";
@@ -30,6 +31,19 @@ pub mod conditions {
     pub const REASON_SHARED: &str = "SharedAccount";
     pub const REASON_LIMITS_DISAGREE: &str = "LimitsDisagree";
     pub const REASON_SOLE: &str = "SoleIntegration";
+    pub const REASON_THROTTLED: &str = "ThrottledPersistently";
+    pub const REASON_NOT_THROTTLED: &str = "NotThrottled";
+}
+
+/// One job's throttling as the quota API counted it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JobThrottling {
+    /// Consecutive throttled windows up to now.
+    pub windows: u32,
+    /// When a throttled response was last reported (ms since the epoch).
+    pub last_throttled_millis: Option<u64>,
+    /// Throttled responses in the current run of windows.
+    pub throttled_requests: u64,
 }
 
 /// An integration whose spec passed the checks the schema cannot make.
@@ -44,6 +58,7 @@ pub struct ValidatedIntegration {
     pub lend_idle_capacity: bool,
     pub jobs: Vec<JobSpec>,
     pub retry: RetryPolicy,
+    pub alerting: Alerting,
 }
 
 impl ValidatedIntegration {
@@ -107,6 +122,7 @@ pub fn validate(sli: &SalesLayerIntegration) -> Result<ValidatedIntegration, Str
         lend_idle_capacity: spec.lend_idle_capacity,
         jobs: spec.jobs.clone(),
         retry: spec.retry.clone(),
+        alerting: spec.alerting.clone(),
     })
 }
 
@@ -254,6 +270,7 @@ pub fn desired_status(
     integration: &ValidatedIntegration,
     plan: &AccountPlan,
     previous: Option<&SalesLayerIntegrationStatus>,
+    throttling: &BTreeMap<String, JobThrottling>,
     now: Time,
 ) -> SalesLayerIntegrationStatus {
     let mut jobs = Vec::with_capacity(integration.jobs.len());
@@ -262,7 +279,7 @@ pub fn desired_status(
         let Some(allocated) = plan.job(&key) else {
             continue;
         };
-        let before = previous.and_then(|p| p.jobs.iter().find(|j| j.name == job.name));
+        let throttled = throttling.get(&job.name).copied().unwrap_or_default();
         jobs.push(JobStatus {
             name: job.name.clone(),
             allocated_requests: allocated.requests,
@@ -271,8 +288,8 @@ pub fn desired_status(
                 requests: allocated.per_pod.requests,
                 period_millis: allocated.per_pod.period_millis,
             },
-            throttled_windows: before.map_or(0, |b| b.throttled_windows),
-            last_throttled: before.and_then(|b| b.last_throttled.clone()),
+            throttled_windows: throttled.windows,
+            last_throttled: throttled.last_throttled_millis.and_then(rfc3339),
         });
     }
     let pods: u32 = jobs.iter().map(|j| j.pods).sum();
@@ -315,6 +332,41 @@ pub fn desired_status(
             generation,
             &now,
         ),
+    };
+    let threshold = integration.alerting.persistent_windows.max(1);
+    let persistent: Vec<String> = jobs
+        .iter()
+        .filter(|j| j.throttled_windows >= threshold)
+        .map(|j| j.name.clone())
+        .collect();
+    let throttling_condition = if persistent.is_empty() {
+        condition(
+            old,
+            conditions::PERSISTENT_THROTTLING,
+            false,
+            conditions::REASON_NOT_THROTTLED,
+            format!("no job was throttled in {threshold} consecutive windows"),
+            generation,
+            &now,
+        )
+    } else {
+        let detail: Vec<String> = jobs
+            .iter()
+            .filter(|j| j.throttled_windows >= threshold)
+            .map(|j| format!("{} ({} windows)", j.name, j.throttled_windows))
+            .collect();
+        condition(
+            old,
+            conditions::PERSISTENT_THROTTLING,
+            true,
+            conditions::REASON_THROTTLED,
+            format!(
+                "throttled in at least {threshold} consecutive windows: {}; lower their concurrency or raise their share",
+                detail.join(", ")
+            ),
+            generation,
+            &now,
+        )
     };
     let me = format!("{}/{}", integration.namespace, integration.name);
     let others: Vec<&str> = plan
@@ -368,13 +420,23 @@ pub fn desired_status(
             usable: show_budget(plan.budget),
             jobs: u32::try_from(jobs.len()).unwrap_or(u32::MAX),
             pods,
-            throttling: previous
-                .and_then(|p| p.summary.as_ref())
-                .map_or_else(|| "none".to_owned(), |s| s.throttling.clone()),
+            throttling: if persistent.is_empty() {
+                "none".to_owned()
+            } else {
+                persistent.join(",")
+            },
         }),
         jobs,
-        conditions: merge_conditions(old, [ready, overcommitted, shared]),
+        conditions: merge_conditions(old, [ready, overcommitted, shared, throttling_condition]),
     }
+}
+
+/// `2026-11-27T20:00:00Z` for milliseconds since the epoch.
+pub fn rfc3339(millis: u64) -> Option<String> {
+    let millis = i64::try_from(millis).ok()?;
+    k8s_openapi::jiff::Timestamp::from_millisecond(millis)
+        .ok()
+        .map(|t| t.to_string())
 }
 
 /// The status of an integration that could not be planned or applied:
@@ -514,7 +576,7 @@ mod tests {
         let pods: PodCounts = [(member.key("a"), 2), (member.key("b"), 1)].into();
         let plan = plan_account(std::slice::from_ref(&member), &pods);
         assert_eq!(show_budget(plan.budget), "40/10s");
-        let status = desired_status(&member, &plan, None, at(100));
+        let status = desired_status(&member, &plan, None, &BTreeMap::new(), at(100));
         let got: Vec<(&str, u32, u32, u32)> = status
             .jobs
             .iter()
@@ -567,7 +629,7 @@ mod tests {
             message.contains("the smallest, 30/10s, applies"),
             "{message}"
         );
-        let status = desired_status(&a, &plan, None, at(1));
+        let status = desired_status(&a, &plan, None, &BTreeMap::new(), at(1));
         let shared = find(&status, conditions::ACCOUNT_SHARED);
         assert_eq!(
             (shared.status.as_str(), shared.reason.as_str()),
@@ -586,7 +648,7 @@ mod tests {
                 {"name": "a", "minRequests": 30}, {"name": "b", "minRequests": 22}]}),
         );
         let plan = plan_account(std::slice::from_ref(&member), &PodCounts::new());
-        let status = desired_status(&member, &plan, None, at(1));
+        let status = desired_status(&member, &plan, None, &BTreeMap::new(), at(1));
         let over = find(&status, conditions::OVERCOMMITTED);
         assert_eq!(over.status, "True");
         assert!(
@@ -604,8 +666,8 @@ mod tests {
             serde_json::json!({"account": "acme", "jobs": [{"name": "a"}]}),
         );
         let plan = plan_account(std::slice::from_ref(&member), &PodCounts::new());
-        let first = desired_status(&member, &plan, None, at(10));
-        let second = desired_status(&member, &plan, Some(&first), at(20));
+        let first = desired_status(&member, &plan, None, &BTreeMap::new(), at(10));
+        let second = desired_status(&member, &plan, Some(&first), &BTreeMap::new(), at(20));
         assert_eq!(
             find(&second, conditions::READY).last_transition_time,
             at(10)

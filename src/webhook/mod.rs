@@ -16,7 +16,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::StatusCode;
+pub use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum_server::tls_rustls::RustlsConfig;
@@ -31,6 +31,7 @@ use crate::allocation::JobKey;
 use crate::api::LABEL_INTEGRATION;
 use crate::controller::plan::{self, AccountPlan, ValidatedIntegration};
 use crate::controller::{FIELD_MANAGER, Stores};
+use crate::metrics::{OutcomeLabels, WebhookMetrics};
 use mutate::{Injection, IntegrationView};
 
 /// Name of the MutatingWebhookConfiguration (and of its one webhook's prefix).
@@ -71,18 +72,40 @@ impl IntegrationView for Stores {
 struct Shared {
     stores: Stores,
     injection: Injection,
+    metrics: WebhookMetrics,
 }
 
 /// The webhook's routes, over the given view of the cluster.
-pub fn router(stores: Stores, injection: Injection) -> Router {
+pub fn router(stores: Stores, injection: Injection, metrics: WebhookMetrics) -> Router {
     Router::new()
         .route("/mutate", post(mutate_handler))
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(Arc::new(Shared { stores, injection }))
+        .with_state(Arc::new(Shared {
+            stores,
+            injection,
+            metrics,
+        }))
 }
 
 async fn mutate_handler(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    let started = std::time::Instant::now();
     let (status, answer) = respond(&body, &shared.stores, &shared.injection);
+    let outcome = match (status, answer["response"]["allowed"].as_bool()) {
+        (StatusCode::OK, Some(true)) => "allowed",
+        (StatusCode::OK, _) => "denied",
+        _ => "malformed",
+    };
+    shared
+        .metrics
+        .admissions
+        .get_or_create(&OutcomeLabels {
+            outcome: outcome.into(),
+        })
+        .inc();
+    shared
+        .metrics
+        .latency
+        .observe(started.elapsed().as_secs_f64());
     (status, axum::Json(answer)).into_response()
 }
 

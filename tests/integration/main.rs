@@ -4,6 +4,7 @@
 
 mod controller;
 mod crd;
+mod quota;
 mod smoke;
 mod support;
 mod webhook;

@@ -21,6 +21,10 @@ pub const DEADLINE: Duration = Duration::from_secs(30);
 pub struct Env {
     pub plane: ControlPlane,
     pub client: Client,
+    /// The quota API's port when the operator runs.
+    pub quota_port: u16,
+    /// The /metrics port when the operator runs.
+    pub metrics_port: u16,
     stop: Option<oneshot::Sender<()>>,
 }
 
@@ -57,6 +61,8 @@ impl Env {
         Self {
             plane,
             client,
+            quota_port: 0,
+            metrics_port: 0,
             stop: None,
         }
     }
@@ -78,10 +84,11 @@ impl Env {
     pub async fn with_operator() -> Self {
         let mut env = Self::with_crd().await;
         env.namespace("saleslayer-system").await;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = free_port();
+        env.quota_port = free_port();
+        let quota_bind = format!("127.0.0.1:{}", env.quota_port);
+        env.metrics_port = free_port();
+        let metrics_bind = format!("127.0.0.1:{}", env.metrics_port);
         let bind = format!("127.0.0.1:{port}");
         let url = format!("https://127.0.0.1:{port}/mutate");
         let cli = saleslayer_operator::cli::Cli::parse_from([
@@ -93,6 +100,10 @@ impl Env {
             &bind,
             "--webhook-url",
             &url,
+            "--quota-bind",
+            &quota_bind,
+            "--metrics-bind",
+            &metrics_bind,
         ]);
         let saleslayer_operator::cli::Command::Run(args) = cli.command else {
             unreachable!("parsed a run command")
@@ -237,6 +248,14 @@ impl Drop for Env {
             let _ = stop.send(());
         }
     }
+}
+
+/// A loopback port free at the time of asking.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
 }
 
 /// Poll `check` until it yields `Some`, or panic with the last observation

@@ -1,0 +1,187 @@
+//! Quota API throughput (issue 5): leases per second of the handler in
+//! process with the token already reviewed (decode the report, check the
+//! pod, record usage, plan the account, grant, encode the answer), and the
+//! memory that 10 000 live leases take.
+//!
+//! The stores hold 100 integrations on 20 accounts, 5 jobs each, 20 pods a
+//! job: 10 000 labelled pods, each of which leases once before timing starts.
+//!
+//! Run: `make bench` (or `cargo bench --bench quota`).
+
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{ObjectMeta, PartialObjectMeta};
+use kube::runtime::{reflector, watcher};
+use saleslayer_operator::api::SalesLayerIntegration;
+use saleslayer_operator::controller::Stores;
+use saleslayer_operator::controller::index::PodIndex;
+use saleslayer_operator::metrics::Metrics;
+use saleslayer_operator::quota::auth::{Authenticator, Identity};
+use saleslayer_operator::quota::book::{LeaseBook, LeaseRequest};
+use saleslayer_operator::quota::{GrantBody, LeaseBody, Quota};
+use serde_json::json;
+
+const INTEGRATIONS: usize = 100;
+const JOBS: usize = 5;
+const PODS: usize = 20;
+
+fn resident_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn stores() -> (Stores, Vec<(Identity, Vec<u8>)>) {
+    let (integrations, mut sli_writer) = reflector::store::<SalesLayerIntegration>();
+    let (pods, mut pod_writer) = reflector::store::<PartialObjectMeta<Pod>>();
+    let mut calls = Vec::new();
+    let mut index = PodIndex::default();
+    for i in 0..INTEGRATIONS {
+        let namespace = format!("ns-{}", i % 10);
+        let name = format!("integration-{i}");
+        let spec = serde_json::from_value(json!({
+            "account": format!("account-{}", i % 20),
+            "jobs": (0..JOBS).map(|j| json!({"name": format!("job-{j}"), "weight": j + 1})).collect::<Vec<_>>(),
+        }))
+        .expect("spec");
+        let mut sli = SalesLayerIntegration::new(&name, spec);
+        sli.metadata.namespace = Some(namespace.clone());
+        sli_writer.apply_watcher_event(&watcher::Event::Apply(sli));
+        for j in 0..JOBS {
+            for p in 0..PODS {
+                let pod = format!("{name}-job-{j}-{p}");
+                let meta = PartialObjectMeta::<Pod> {
+                    metadata: ObjectMeta {
+                        name: Some(pod.clone()),
+                        namespace: Some(namespace.clone()),
+                        labels: Some(
+                            [
+                                ("saleslayer.io/integration".to_owned(), name.clone()),
+                                ("saleslayer.io/job".to_owned(), format!("job-{j}")),
+                            ]
+                            .into(),
+                        ),
+                        ..ObjectMeta::default()
+                    },
+                    ..PartialObjectMeta::default()
+                };
+                let event = watcher::Event::Apply(meta);
+                index.apply(&event);
+                pod_writer.apply_watcher_event(&event);
+                let body = json!({"namespace": namespace, "integration": name, "job": format!("job-{j}"),
+                    "pod": pod, "usage": {"requests": 10, "byStatus": {"200": 9, "429": 1},
+                    "throttled": 1, "retries": 1, "peakConcurrency": 2, "queued": 3}});
+                calls.push((
+                    Identity {
+                        namespace: namespace.clone(),
+                        service_account: "default".into(),
+                        pod,
+                    },
+                    body.to_string().into_bytes(),
+                ));
+            }
+        }
+    }
+    let stores = Stores {
+        integrations,
+        pods,
+        index: Arc::new(RwLock::new(index)),
+    };
+    (stores, calls)
+}
+
+fn main() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _guard = runtime.enter();
+    let (stores, calls) = stores();
+    // Never contacted: every identity below is taken as already reviewed.
+    let client = kube::Client::try_from(kube::Config::new(
+        "https://127.0.0.1:1".parse().expect("url"),
+    ))
+    .expect("client");
+    let (changed, _changes) = tokio::sync::mpsc::unbounded_channel();
+    let quota = Quota::new(
+        stores,
+        Authenticator::new(client),
+        Arc::new(Mutex::new(Default::default())),
+        changed,
+        Metrics::default().quota,
+    );
+
+    let call = |(identity, body): &(Identity, Vec<u8>)| -> Vec<u8> {
+        let report: LeaseBody = serde_json::from_slice(body).expect("report");
+        let grant: GrantBody = quota
+            .grant(identity, &report, saleslayer_operator::quota::now_millis())
+            .expect("granted");
+        serde_json::to_vec(&grant).expect("answer")
+    };
+    for c in &calls {
+        call(c);
+    }
+    println!("live leases: {}", quota.live_leases());
+
+    let rounds = 3;
+    let started = Instant::now();
+    for _ in 0..rounds {
+        for c in &calls {
+            std::hint::black_box(call(c));
+        }
+    }
+    let elapsed = started.elapsed();
+    let total = rounds * calls.len();
+    println!(
+        "in process, {total} renewals over {} pods: {:.0} leases/s ({:.1} µs each)",
+        calls.len(),
+        total as f64 / elapsed.as_secs_f64(),
+        elapsed.as_secs_f64() * 1e6 / total as f64
+    );
+
+    // Memory of the lease book alone: 10 000 live leases.
+    let before = resident_kib();
+    let mut book = LeaseBook::new(0, 15_000, 5_000);
+    let usable = saleslayer_operator::allocation::UsableBudget {
+        requests: 1_000_000,
+        period_millis: 10_000,
+    };
+    let keys: Vec<_> = (0..1000)
+        .map(|j| saleslayer_operator::allocation::JobKey {
+            namespace: format!("ns-{}", j % 10),
+            integration: format!("integration-{}", j / 10),
+            job: format!("job-{}", j % 10),
+        })
+        .collect();
+    for (n, key) in keys.iter().enumerate() {
+        for p in 0..10 {
+            let pod = format!("{}-{}-{p}", key.integration, key.job);
+            let request = LeaseRequest {
+                account: "account",
+                usable,
+                job: key,
+                pod: &pod,
+                job_requests: 1000,
+                max_concurrency: None,
+                static_share: saleslayer_operator::allocation::pod_share(1000, 10_000, 10, None),
+            };
+            book.lease(1 + n as u64, &request);
+        }
+    }
+    let after = resident_kib();
+    println!(
+        "lease book with {} live leases: {} KiB resident more ({} bytes per lease)",
+        book.live_leases(2000),
+        after.saturating_sub(before),
+        after.saturating_sub(before) * 1024 / 10_000
+    );
+}

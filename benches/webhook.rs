@@ -1,0 +1,254 @@
+//! Admission latency (issue 4): the handler in process, and pod creation end
+//! to end through a real kube-apiserver that calls the webhook over HTTPS.
+//!
+//! In process: `webhook::respond` on a real AdmissionReview body, with a view
+//! of one account of 3 integrations × 5 jobs, many times; p50/p99 per call.
+//! End to end: the operator (controller + webhook) runs in this process
+//! against the testenv control plane; pods are created at 100 per second,
+//! labelled (sent to the webhook) and, as a baseline, unlabelled (never
+//! sent); p50/p99 of the create call for each.
+//!
+//! Run: `make bench` (or `cargo bench --bench webhook`).
+
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
+use kube::Api;
+use kube::api::{ObjectMeta, PostParams};
+use saleslayer_operator::api::SalesLayerIntegration;
+use saleslayer_operator::controller::plan::{self, AccountPlan, PodCounts, ValidatedIntegration};
+use saleslayer_operator::testenv::ControlPlane;
+use saleslayer_operator::webhook::{self, mutate::Injection, mutate::IntegrationView};
+use serde_json::json;
+
+struct Account(Vec<ValidatedIntegration>);
+
+impl IntegrationView for Account {
+    fn integration(&self, namespace: &str, name: &str) -> Option<ValidatedIntegration> {
+        self.0
+            .iter()
+            .find(|i| i.namespace == namespace && i.name == name)
+            .cloned()
+    }
+    fn integrations_in(&self, namespace: &str) -> Vec<String> {
+        self.0
+            .iter()
+            .filter(|i| i.namespace == namespace)
+            .map(|i| i.name.clone())
+            .collect()
+    }
+    fn plan_with_new_pod(&self, integration: &ValidatedIntegration, job: &str) -> AccountPlan {
+        let mut pods = PodCounts::new();
+        for member in &self.0 {
+            for spec in &member.jobs {
+                pods.insert(member.key(&spec.name), 10);
+            }
+        }
+        *pods.entry(integration.key(job)).or_default() += 1;
+        plan::plan_account(&self.0, &pods)
+    }
+}
+
+fn integration_spec(index: usize) -> serde_json::Value {
+    json!({"account": "acme-prod", "jobs": (0..5).map(|j| json!({
+        "name": format!("job-{j}"), "weight": j + 1, "maxConcurrency": 8})).collect::<Vec<_>>(),
+        "retry": {"maxAttempts": 4}, "headroomPercent": 10 + index})
+}
+
+fn review(job: &str) -> Vec<u8> {
+    json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "7d0c0c3e-0000-4000-8000-000000000001",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "shop", "operation": "CREATE",
+            "userInfo": {"username": "system:serviceaccount:kube-system:job-controller"},
+            "object": {"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"generateName": "import-", "namespace": "shop",
+                    "labels": {"saleslayer.io/integration": "catalog-0", "saleslayer.io/job": job}},
+                "spec": {"containers": [
+                    {"name": "main", "image": "example.com/importer:1", "env": [{"name": "A", "value": "1"}]},
+                    {"name": "metrics", "image": "example.com/exporter:1"}]}},
+        }
+    })
+    .to_string()
+    .into_bytes()
+}
+
+fn percentiles(mut samples: Vec<Duration>) -> (Duration, Duration, Duration) {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
+    (at(0.5), at(0.99), at(1.0))
+}
+
+fn in_process() {
+    let members: Vec<ValidatedIntegration> = (0..3)
+        .map(|i| {
+            let spec = serde_json::from_value(integration_spec(i)).expect("spec");
+            let mut sli = SalesLayerIntegration::new(&format!("catalog-{i}"), spec);
+            sli.metadata.namespace = Some("shop".into());
+            plan::validate(&sli).expect("valid")
+        })
+        .collect();
+    let view = Account(members);
+    let injection = Injection {
+        quota_url: "https://saleslayer-operator-quota.saleslayer-system.svc:8443".into(),
+    };
+    let bodies: Vec<Vec<u8>> = (0..5).map(|j| review(&format!("job-{j}"))).collect();
+    for body in &bodies {
+        let (status, _) = webhook::respond(body, &view, &injection);
+        assert_eq!(status, webhook::StatusCode::OK);
+    }
+    let mut samples = Vec::with_capacity(50_000);
+    for i in 0..50_000 {
+        let body = &bodies[i % bodies.len()];
+        let start = Instant::now();
+        let answer = webhook::respond(body, &view, &injection);
+        samples.push(start.elapsed());
+        std::hint::black_box(answer);
+    }
+    let (p50, p99, max) = percentiles(samples);
+    println!("in process, 50 000 reviews: p50 {p50:?}  p99 {p99:?}  max {max:?}");
+}
+
+fn pod(generate: &str, labels: Option<(&str, &str)>) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            generate_name: Some(generate.into()),
+            labels: labels.map(|(integration, job)| {
+                [
+                    (
+                        "saleslayer.io/integration".to_owned(),
+                        integration.to_owned(),
+                    ),
+                    ("saleslayer.io/job".to_owned(), job.to_owned()),
+                ]
+                .into()
+            }),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            containers: vec![Container {
+                name: "main".into(),
+                image: Some("example.com/importer:1".into()),
+                ..Container::default()
+            }],
+            ..PodSpec::default()
+        }),
+        ..Pod::default()
+    }
+}
+
+/// Create `count` pods at `rate` per second; the latency of each create call.
+async fn paced(pods: &Api<Pod>, template: &Pod, count: usize, rate: u32) -> Vec<Duration> {
+    let interval = Duration::from_secs(1) / rate;
+    let mut tick = tokio::time::interval(interval);
+    let mut calls = Vec::with_capacity(count);
+    for _ in 0..count {
+        tick.tick().await;
+        let pods = pods.clone();
+        let template = template.clone();
+        calls.push(tokio::spawn(async move {
+            let start = Instant::now();
+            pods.create(&PostParams::default(), &template)
+                .await
+                .expect("pod created");
+            start.elapsed()
+        }));
+    }
+    let mut samples = Vec::with_capacity(count);
+    for call in calls {
+        samples.push(call.await.expect("create task"));
+    }
+    samples
+}
+
+async fn end_to_end() {
+    let plane = ControlPlane::start().await.expect("control plane");
+    let client = plane.client().await.expect("client");
+    let crds = Api::<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>::all(client.clone());
+    crds.create(&PostParams::default(), &saleslayer_operator::api::crd())
+        .await
+        .expect("CRD");
+    for namespace in ["shop", "saleslayer-system"] {
+        plane
+            .namespace(&client, namespace)
+            .await
+            .expect("namespace");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await; // CRD established
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let bind = format!("127.0.0.1:{port}");
+    let url = format!("https://127.0.0.1:{port}/mutate");
+    let cli = saleslayer_operator::cli::Cli::parse_from([
+        "saleslayer-operator",
+        "run",
+        "--namespace",
+        "saleslayer-system",
+        "--webhook-bind",
+        &bind,
+        "--webhook-url",
+        &url,
+    ]);
+    let saleslayer_operator::cli::Command::Run(args) = cli.command else {
+        unreachable!()
+    };
+    tokio::spawn(saleslayer_operator::operator::run(
+        client.clone(),
+        *args,
+        futures::future::pending(),
+    ));
+    let slis = Api::<SalesLayerIntegration>::namespaced(client.clone(), "shop");
+    let spec = serde_json::from_value(integration_spec(0)).expect("spec");
+    slis.create(
+        &PostParams::default(),
+        &SalesLayerIntegration::new("catalog-0", spec),
+    )
+    .await
+    .expect("integration");
+    let pods = Api::<Pod>::namespaced(client.clone(), "shop");
+    let labelled = pod("import-", Some(("catalog-0", "job-0")));
+    // Wait until the webhook admits (stores synced, configuration registered).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match pods.create(&PostParams::default(), &labelled).await {
+            Ok(p)
+                if p.metadata
+                    .annotations
+                    .as_ref()
+                    .is_some_and(|a| a.contains_key("saleslayer.io/injected")) =>
+            {
+                break;
+            }
+            _ if Instant::now() > deadline => panic!("webhook never admitted a pod"),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+
+    let warmup = paced(&pods, &pod("plain-", None), 100, 100).await;
+    drop(warmup);
+    let (p50, p99, max) = percentiles(paced(&pods, &pod("plain-", None), 1000, 100).await);
+    println!(
+        "end to end, 1000 unlabelled pods at 100/s (no webhook): p50 {p50:?}  p99 {p99:?}  max {max:?}"
+    );
+    let (p50, p99, max) = percentiles(paced(&pods, &labelled, 1000, 100).await);
+    println!(
+        "end to end, 1000 labelled pods at 100/s (through the webhook): p50 {p50:?}  p99 {p99:?}  max {max:?}"
+    );
+}
+
+fn main() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    in_process();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(end_to_end());
+}

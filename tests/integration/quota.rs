@@ -1,0 +1,426 @@
+//! The quota API over HTTPS with real pod-bound tokens: who may lease, what
+//! bad calls get, and persistent throttling turning on and off with Events
+//! and notifications.
+
+use std::sync::{Arc, Mutex};
+
+use axum::Json;
+use axum::routing::post;
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, ServiceAccount};
+use kube::Api;
+use kube::api::PostParams;
+use saleslayer_operator::api::SalesLayerIntegration;
+use serde_json::{Value, json};
+
+use crate::support::{Env, eventually, free_port};
+
+/// Persistent after 2 throttled windows of 1 s, so the test is quick.
+const INTEGRATION: &str = "apiVersion: saleslayer.io/v1alpha1
+kind: SalesLayerIntegration
+metadata: {name: catalog, namespace: shop}
+spec:
+  account: acme-prod
+  limit: {requests: 50, periodSeconds: 1}
+  jobs:
+  - {name: product-import, weight: 3}
+  - {name: price-sync, weight: 1}
+  alerting:
+    persistentWindows: 2
+    notify: {secretRef: {name: slack-hook, key: url}}
+";
+
+struct Quota {
+    http: reqwest::Client,
+    url: String,
+}
+
+impl Quota {
+    async fn post(&self, token: Option<&str>, body: Vec<u8>) -> (u16, Value) {
+        let mut request = self
+            .http
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.expect("quota API answers");
+        let status = response.status().as_u16();
+        let body = response.json::<Value>().await.unwrap_or(Value::Null);
+        (status, body)
+    }
+}
+
+fn report(pod: &str, job: &str, throttled: u64) -> Vec<u8> {
+    json!({"namespace": "shop", "integration": "catalog", "job": job, "pod": pod,
+        "usage": {"requests": 10, "byStatus": {"200": 10 - throttled.min(10), "429": throttled},
+            "throttled": throttled, "retries": 0, "peakConcurrency": 1, "queued": 0}})
+    .to_string()
+    .into_bytes()
+}
+
+async fn token_for(env: &Env, pod: &Pod) -> String {
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: Some(vec!["saleslayer-operator".into()]),
+            expiration_seconds: Some(600),
+            bound_object_ref: Some(BoundObjectReference {
+                kind: Some("Pod".into()),
+                api_version: Some("v1".into()),
+                name: pod.metadata.name.clone(),
+                uid: pod.metadata.uid.clone(),
+            }),
+            ..TokenRequestSpec::default()
+        }),
+        ..TokenRequest::default()
+    };
+    Api::<ServiceAccount>::namespaced(env.client.clone(), "shop")
+        .create_token_request("default", &PostParams::default(), &request)
+        .await
+        .expect("token request")
+        .status
+        .and_then(|s| s.token)
+        .expect("a token")
+}
+
+async fn setup() -> (Env, Quota, Arc<Mutex<Vec<Value>>>) {
+    let env = Env::with_operator().await;
+    env.namespace("shop").await;
+
+    // A receiver for notifications, its URL in the Secret the spec names.
+    let received: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let sink = received.clone();
+    let hook_port = free_port();
+    let app = axum::Router::new().route(
+        "/hook",
+        post(move |Json(body): Json<Value>| {
+            let sink = sink.clone();
+            async move {
+                if let Ok(mut all) = sink.lock() {
+                    all.push(body);
+                }
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", hook_port))
+        .await
+        .expect("bind");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let (ok, out) = env.kubectl_stdin(
+        &[
+            "-n",
+            "shop",
+            "create",
+            "secret",
+            "generic",
+            "slack-hook",
+            "--from-file=url=/dev/stdin",
+        ],
+        &format!("http://127.0.0.1:{hook_port}/hook"),
+    );
+    assert!(ok, "{out}");
+
+    let (ok, out) = env.kubectl_apply(INTEGRATION);
+    assert!(ok, "{out}");
+    let ca = eventually("CA ConfigMap", || async {
+        Api::<ConfigMap>::namespaced(env.client.clone(), "shop")
+            .get("saleslayer-operator-ca")
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|m| {
+                m.data
+                    .and_then(|d| d.get("ca.crt").cloned())
+                    .ok_or_else(|| "no ca.crt".into())
+            })
+    })
+    .await;
+    let http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).expect("CA PEM"))
+        .build()
+        .expect("client");
+    let url = format!("https://127.0.0.1:{}/v1/leases", env.quota_port);
+    (env, Quota { http, url }, received)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_lease_with_their_own_token_only() {
+    let (env, quota, _) = setup().await;
+    let import = env
+        .pod("shop", "import-0", "catalog", "product-import")
+        .await;
+    let price = env.pod("shop", "price-0", "catalog", "price-sync").await;
+    let import_token = token_for(&env, &import).await;
+    let price_token = token_for(&env, &price).await;
+
+    // Wait until the operator's pod store has seen the pod.
+    let (status, grant) = eventually("a grant for import-0", || async {
+        let (status, body) = quota
+            .post(Some(&import_token), report("import-0", "product-import", 0))
+            .await;
+        if status == 200 {
+            Ok((status, body))
+        } else {
+            Err(format!("{status} {body}"))
+        }
+    })
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(grant["periodMillis"], 1000);
+    assert_eq!(grant["ttlMillis"], 15000);
+    assert_eq!(grant["refreshMillis"], 5000);
+    let requests = grant["requests"].as_u64().expect("requests");
+    assert!((1..=30).contains(&requests), "{grant}");
+
+    // Someone else's token: 403. No token: 401. Garbage: 400. Too big: 413.
+    let (status, body) = quota
+        .post(Some(&price_token), report("import-0", "product-import", 0))
+        .await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["reason"], "NotYourPod");
+    let (status, body) = quota
+        .post(None, report("import-0", "product-import", 0))
+        .await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(body["reason"], "NoToken");
+    let (status, body) = quota
+        .post(Some("not-a-token"), report("import-0", "product-import", 0))
+        .await;
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = quota
+        .post(Some(&import_token), b"{\"namespace\": 3".to_vec())
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()));
+    let (status, body) = quota.post(Some(&import_token), vec![b' '; 70 * 1024]).await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["reason"], "BodyTooLarge");
+    // A pod claiming a job it does not run: 403; an unknown job: 404.
+    let (status, body) = quota
+        .post(Some(&import_token), report("import-0", "price-sync", 0))
+        .await;
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = quota
+        .post(Some(&import_token), report("import-0", "image-sync", 0))
+        .await;
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("product-import")),
+        "{body}"
+    );
+
+    // /metrics counts what happened; /healthz answers.
+    let base = format!("http://127.0.0.1:{}", env.metrics_port);
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let job = r#"namespace="shop",integration="catalog",job="product-import""#;
+    for line in [
+        format!("saleslayer_lease_grants_total{{{job}}} 1"),
+        format!("saleslayer_requests_total{{{job},code=\"200\"}} 10"),
+        r#"saleslayer_lease_refusals_total{outcome="NotYourPod"} 1"#.to_owned(),
+        r#"saleslayer_lease_refusals_total{outcome="NoToken"} 1"#.to_owned(),
+        r#"saleslayer_lease_refusals_total{outcome="BodyTooLarge"} 1"#.to_owned(),
+        r#"saleslayer_usable_requests{account="acme-prod"} 40"#.to_owned(),
+    ] {
+        assert!(text.contains(&line), "no {line:?} in:\n{text}");
+    }
+    assert!(text.contains("saleslayer_allocated_requests{"), "{text}");
+    assert!(
+        text.contains(r#"saleslayer_webhook_admissions_total{outcome="allowed"}"#),
+        "{text}"
+    );
+    assert!(
+        text.contains("saleslayer_reconcile_duration_seconds_count"),
+        "{text}"
+    );
+    let health = reqwest::get(format!("{base}/healthz"))
+        .await
+        .expect("healthz");
+    assert_eq!(health.status().as_u16(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_throttling_fires_and_resolves() {
+    let (env, quota, received) = setup().await;
+    let price = env.pod("shop", "price-0", "catalog", "price-sync").await;
+    let token = token_for(&env, &price).await;
+    let slis = Api::<SalesLayerIntegration>::namespaced(env.client.clone(), "shop");
+    let condition = |status: Option<saleslayer_operator::api::SalesLayerIntegrationStatus>| {
+        status
+            .and_then(|s| {
+                s.conditions
+                    .into_iter()
+                    .find(|c| c.type_ == "PersistentThrottling")
+            })
+            .map(|c| (c.status, c.message))
+    };
+
+    // Throttled reports in consecutive 1 s windows.
+    eventually("PersistentThrottling=True", || async {
+        let (status, body) = quota
+            .post(Some(&token), report("price-0", "price-sync", 3))
+            .await;
+        if status != 200 {
+            return Err(format!("report refused: {status} {body}"));
+        }
+        let sli = slis.get("catalog").await.map_err(|e| e.to_string())?;
+        match condition(sli.status.clone()) {
+            Some((s, m)) if s == "True" => {
+                assert!(m.contains("price-sync"), "{m}");
+                let job = sli
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.jobs.iter().find(|j| j.name == "price-sync").cloned())
+                    .expect("job status");
+                assert!(
+                    job.throttled_windows >= 2 && job.last_throttled.is_some(),
+                    "{job:?}"
+                );
+                Ok(())
+            }
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let table = env.kubectl(&[
+        "-n",
+        "shop",
+        "get",
+        "sli",
+        "catalog",
+        "-o",
+        "jsonpath={.status.summary.throttling}",
+    ]);
+    assert_eq!(table, "price-sync");
+
+    // Clean reports: one clean window resolves it.
+    eventually("PersistentThrottling=False", || async {
+        let (status, body) = quota
+            .post(Some(&token), report("price-0", "price-sync", 0))
+            .await;
+        if status != 200 {
+            return Err(format!("report refused: {status} {body}"));
+        }
+        let sli = slis.get("catalog").await.map_err(|e| e.to_string())?;
+        match condition(sli.status) {
+            Some((s, _)) if s == "False" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+
+    for (reason, type_) in [
+        ("PersistentThrottling", "Warning"),
+        ("ThrottlingResolved", "Normal"),
+    ] {
+        eventually(&format!("{type_} event {reason}"), || async {
+            let events = env.kubectl(&[
+                "-n",
+                "shop",
+                "get",
+                "events",
+                "-o",
+                "jsonpath={range .items[*]}{.type}/{.reason}{'\\n'}{end}",
+            ]);
+            if events.lines().any(|l| l == format!("{type_}/{reason}")) {
+                Ok(())
+            } else {
+                Err(events)
+            }
+        })
+        .await;
+    }
+    let notes = eventually("both notifications", || async {
+        let all = received.lock().map(|r| r.clone()).unwrap_or_default();
+        if all.len() >= 2 {
+            Ok(all)
+        } else {
+            Err(format!("{all:?}"))
+        }
+    })
+    .await;
+    assert_eq!(notes[0]["state"], "firing");
+    assert_eq!(notes[0]["integration"], "catalog");
+    assert_eq!(notes[0]["namespace"], "shop");
+    assert_eq!(notes[0]["jobs"], json!(["price-sync"]));
+    assert!(
+        notes[0]["throttledRequests"]
+            .as_u64()
+            .is_some_and(|n| n >= 6),
+        "{}",
+        notes[0]
+    );
+    assert!(notes[0]["windows"].as_u64().is_some_and(|n| n >= 2));
+    assert!(notes[0]["since"].as_str().is_some());
+    assert_eq!(notes[1]["state"], "resolved");
+    assert_eq!(notes[1]["jobs"], json!(["price-sync"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_pods_never_hold_more_than_the_usable_budget() {
+    let (env, quota, _) = setup().await;
+    let mut fleet = Vec::new();
+    for n in 0..20 {
+        let (name, job) = if n % 5 < 3 {
+            (format!("import-{n}"), "product-import")
+        } else {
+            (format!("price-{n}"), "price-sync")
+        };
+        let pod = env.pod("shop", &name, "catalog", job).await;
+        let token = token_for(&env, &pod).await;
+        fleet.push((name, job, token));
+    }
+    // Wait until the operator's store has the last pod.
+    let (last, last_job, last_token) = fleet.last().cloned().expect("pods");
+    eventually("the store has every pod", || async {
+        let (status, body) = quota
+            .post(Some(&last_token), report(&last, last_job, 0))
+            .await;
+        if status == 200 {
+            Ok(())
+        } else {
+            Err(format!("{status} {body}"))
+        }
+    })
+    .await;
+
+    // Half the fleet leases first, then everyone renews in rounds; every
+    // grant is live for 15 s, longer than this test, so the latest grant of
+    // each pod counts. Their rates may never add up to more than 40 per 1 s.
+    let mut held: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+    let mut order: Vec<usize> = (0..10).collect();
+    for round in 0..4 {
+        if round == 1 {
+            order = (0..20).collect();
+        }
+        for &i in &order {
+            let (name, job, token) = &fleet[i];
+            let (status, grant) = quota.post(Some(token), report(name, job, 0)).await;
+            assert_eq!(status, 200, "{grant}");
+            let requests = grant["requests"].as_u64().expect("requests");
+            let period = grant["periodMillis"].as_u64().expect("period");
+            held.insert(name.clone(), (requests, period));
+            let rate: f64 = held.values().map(|(r, p)| *r as f64 / *p as f64).sum();
+            assert!(
+                rate <= 40.0 / 1000.0 + 1e-12,
+                "round {round}: {held:?} add up to {} per second",
+                rate * 1000.0
+            );
+        }
+    }
+    // After renewals every pod holds a share and the budget is used.
+    let rate: f64 = held.values().map(|(r, p)| *r as f64 / *p as f64).sum();
+    assert!(held.values().all(|(r, _)| *r > 0), "{held:?}");
+    assert!(
+        rate * 1000.0 >= 30.0,
+        "only {} of 40 per second granted: {held:?}",
+        rate * 1000.0
+    );
+}
