@@ -30,23 +30,23 @@ lint:
 crds: build
 	target/debug/saleslayer-operator crd > crds/saleslayer.io_saleslayerintegrations.yaml
 
-## A local control plane you can reach with kubectl; `make demo-down` stops it.
+## A local control plane with the operator and the example integration;
+## `make demo-down` stops it.
 demo: testenv build
-	@mkdir -p $(DEMO)
-	@if [ -f $(DEMO)/testenv.pid ] && kill -0 $$(cat $(DEMO)/testenv.pid) 2>/dev/null; then \
-	  echo "demo: already running (make demo-down stops it)"; exit 0; fi; \
-	rm -f $(DEMO)/kubeconfig; \
-	nohup target/debug/saleslayer-testenv $(DEMO)/kubeconfig > $(DEMO)/testenv.log 2>&1 & echo $$! > $(DEMO)/testenv.pid; \
-	for i in $$(seq 1 600); do [ -f $(DEMO)/kubeconfig ] && break; \
-	  kill -0 $$(cat $(DEMO)/testenv.pid) 2>/dev/null || { cat $(DEMO)/testenv.log; exit 1; }; sleep 0.1; done; \
-	cat $(DEMO)/testenv.log; \
-	KUBECONFIG=$(DEMO)/kubeconfig kubectl get namespaces; \
-	echo; echo "Reach it with:  export KUBECONFIG=$(CURDIR)/$(DEMO)/kubeconfig; kubectl get all -A"; \
-	echo "Stop it with:   make demo-down"
+	scripts/demo.sh
 
 demo-down:
-	@if [ -f $(DEMO)/testenv.pid ]; then kill $$(cat $(DEMO)/testenv.pid) 2>/dev/null || true; rm -f $(DEMO)/testenv.pid; echo "demo: stopped"; \
-	else echo "demo: not running"; fi
+	@for part in operator testenv; do \
+	  if [ -f $(DEMO)/$$part.pid ]; then kill $$(cat $(DEMO)/$$part.pid) 2>/dev/null || true; rm -f $(DEMO)/$$part.pid; fi; \
+	done; echo "demo: stopped"
+
+## Benchmarks (not in CI; figures in BENCHMARKS.md): allocation in process, and
+## the controller's convergence on the testenv with the release operator
+## running as its own process, so its RSS is measured alone.
+bench: testenv
+	$(CARGO) build --release --bin saleslayer-operator
+	$(CARGO) bench --bench allocation
+	$(CARGO) bench --bench convergence
 
 clean: demo-down
 	$(CARGO) clean
