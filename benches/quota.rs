@@ -94,6 +94,7 @@ fn stores() -> (Stores, Vec<(Identity, Vec<u8>)>) {
         integrations,
         pods,
         index: Arc::new(RwLock::new(index)),
+        demand: Arc::default(),
     };
     (stores, calls)
 }

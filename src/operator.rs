@@ -97,6 +97,7 @@ pub async fn run(
         throttling: throttling.clone(),
         changed: changed_rx,
         metrics: metrics.controller.clone(),
+        demand: Arc::default(),
     };
     let (stores, controller) = controller::controller(client.clone(), shared, stopped());
     let controller = tokio::spawn(controller);

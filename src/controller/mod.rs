@@ -38,6 +38,7 @@ use tracing::{info, warn};
 use crate::allocation::JobKey;
 use crate::api::{ANNOTATION_LIMIT, LABEL_INTEGRATION, LABEL_JOB, SalesLayerIntegration};
 use crate::metrics::{AccountLabels, ControllerMetrics, JobLabels, OutcomeLabels};
+use crate::quota::demand::DemandBook;
 use crate::quota::throttle::ThrottleBook;
 use index::PodIndex;
 use plan::{AccountPlan, PodCounts, ValidatedIntegration};
@@ -78,6 +79,8 @@ pub struct Stores {
     pub pods: Store<PartialObjectMeta<Pod>>,
     /// Live pods per job, from the same watch as `pods`.
     pub index: Arc<RwLock<PodIndex>>,
+    /// What jobs want, from the quota API's reports.
+    pub demand: Arc<RwLock<DemandBook>>,
 }
 
 impl Stores {
@@ -106,6 +109,30 @@ impl Stores {
         (members, pods)
     }
 
+    /// The account's plan as of `now_ms`, optionally with one more live pod
+    /// of `extra` (a pod being admitted).
+    pub fn account_plan(&self, account: &str, extra: Option<&JobKey>, now_ms: u64) -> AccountPlan {
+        let (members, mut pods) = self.account_members(account);
+        if let Some(key) = extra {
+            *pods.entry(key.clone()).or_default() += 1;
+        }
+        let mut demand = HashMap::new();
+        if members.iter().any(|m| m.lend_idle_capacity)
+            && let Ok(book) = self.demand.read()
+        {
+            for member in members.iter().filter(|m| m.lend_idle_capacity) {
+                let period = member.budget().period_millis;
+                for job in &member.jobs {
+                    let key = member.key(&job.name);
+                    if let Some(wanted) = book.demand(&key, now_ms, period) {
+                        demand.insert(key, wanted);
+                    }
+                }
+            }
+        }
+        plan::plan_account_with_demand(&members, &pods, &demand)
+    }
+
     /// Refs of every integration on the same account as `namespace/name`.
     fn siblings_of(&self, namespace: &str, name: &str) -> Vec<ObjectRef<SalesLayerIntegration>> {
         let key = ObjectRef::new(name).within(namespace);
@@ -115,7 +142,8 @@ impl Stores {
         }
     }
 
-    fn on_account(&self, account: &str) -> Vec<ObjectRef<SalesLayerIntegration>> {
+    /// Refs of every integration on `account`.
+    pub fn on_account(&self, account: &str) -> Vec<ObjectRef<SalesLayerIntegration>> {
         self.integrations
             .state()
             .iter()
@@ -151,6 +179,8 @@ struct Context {
     /// Client for alert notifications.
     http: reqwest::Client,
     metrics: ControllerMetrics,
+    /// The window of each integration's last status write.
+    status_windows: Mutex<HashMap<ObjectRef<SalesLayerIntegration>, u64>>,
 }
 
 /// What the controller shares with the rest of the operator.
@@ -163,6 +193,8 @@ pub struct Shared {
     pub changed: mpsc::UnboundedReceiver<ObjectRef<SalesLayerIntegration>>,
     /// The controller's series.
     pub metrics: ControllerMetrics,
+    /// What jobs want, filled by the quota API.
+    pub demand: Arc<RwLock<DemandBook>>,
 }
 
 impl Shared {
@@ -174,6 +206,7 @@ impl Shared {
             throttling: Arc::default(),
             changed,
             metrics: crate::metrics::Metrics::default().controller,
+            demand: Arc::default(),
         }
     }
 }
@@ -196,6 +229,7 @@ pub fn controller(
         integrations: sli_reader.clone(),
         pods: pod_reader,
         index: Arc::default(),
+        demand: shared.demand.clone(),
     };
 
     let sli_stream = reflector::reflector(
@@ -241,6 +275,7 @@ pub fn controller(
         throttling: shared.throttling,
         http: reqwest::Client::new(),
         metrics: shared.metrics,
+        status_windows: Mutex::default(),
     });
 
     let running = Controller::for_stream(sli_stream, sli_reader)
@@ -335,8 +370,9 @@ async fn reconcile_inner(sli: Arc<SalesLayerIntegration>, ctx: &Context) -> Resu
         }
     };
     // observe + plan
-    let (members, pods) = ctx.stores.account_members(&integration.account);
-    let account_plan = plan::plan_account(&members, &pods);
+    let account_plan =
+        ctx.stores
+            .account_plan(&integration.account, None, crate::quota::now_millis());
 
     // apply: the CA for the pods' quota clients, and the pods whose share changed
     let applied = match publish_ca(ctx, &namespace).await {
@@ -359,7 +395,26 @@ async fn reconcile_inner(sli: Arc<SalesLayerIntegration>, ctx: &Context) -> Resu
     let previous = sli.status.as_ref();
     let status = plan::desired_status(&integration, &account_plan, previous, &throttling, now);
     record(ctx, &integration, &account_plan, &status);
+    let window = crate::quota::throttle::window_of(now_ms, period);
+    let me = ObjectRef::from_obj(sli.as_ref());
+    let written_this_window = ctx
+        .status_windows
+        .lock()
+        .ok()
+        .and_then(|w| w.get(&me).copied())
+        == Some(window);
+    let deferred = previous.is_some_and(|p| {
+        !same_status(p, &status) && only_throttling_differs(p, &status) && written_this_window
+    });
+    if deferred {
+        // Throttling is written at most once per window: the rest waits for the next.
+        let next = (now_ms / period + 1) * period;
+        return Ok(Action::requeue(Duration::from_millis(next - now_ms + 50)));
+    }
     if previous.is_none_or(|p| !same_status(p, &status)) {
+        if let Ok(mut windows) = ctx.status_windows.lock() {
+            windows.insert(me, window);
+        }
         publish_changes(ctx, &sli, previous, &status, &account_plan).await;
         alert_on_change(ctx, &sli, &integration, previous, &status, &throttling).await;
         patch_status(&ctx.client, &sli, &status).await?;
@@ -519,6 +574,27 @@ async fn alert_on_change(
         }
         Err(error) => warn!(%error, "cannot notify about persistent throttling"),
     }
+}
+
+/// Whether `a` and `b` differ only in what the quota API counts.
+fn only_throttling_differs(
+    a: &crate::api::SalesLayerIntegrationStatus,
+    b: &crate::api::SalesLayerIntegrationStatus,
+) -> bool {
+    let strip = |s: &crate::api::SalesLayerIntegrationStatus| {
+        let mut s = s.clone();
+        for job in &mut s.jobs {
+            job.throttled_windows = 0;
+            job.last_throttled = None;
+        }
+        s.conditions
+            .retain(|c| c.type_ != plan::conditions::PERSISTENT_THROTTLING);
+        if let Some(summary) = s.summary.as_mut() {
+            summary.throttling.clear();
+        }
+        s
+    };
+    same_status(&strip(a), &strip(b))
 }
 
 /// Equal for the purpose of writing: conditions compare without their
@@ -741,4 +817,34 @@ fn error_policy(sli: Arc<SalesLayerIntegration>, error: &Error, ctx: Arc<Context
         "reconcile failed; retrying"
     );
     Action::requeue(Duration::from_secs(5))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{JobStatus, PerPodStatus, SalesLayerIntegrationStatus};
+
+    fn status(allocated: u32, throttled: u32) -> SalesLayerIntegrationStatus {
+        SalesLayerIntegrationStatus {
+            jobs: vec![JobStatus {
+                name: "import".into(),
+                allocated_requests: allocated,
+                pods: 1,
+                per_pod: PerPodStatus {
+                    requests: allocated,
+                    period_millis: 10_000,
+                },
+                throttled_windows: throttled,
+                last_throttled: None,
+            }],
+            ..SalesLayerIntegrationStatus::default()
+        }
+    }
+
+    #[test]
+    fn throttling_only_changes_are_told_apart() {
+        assert!(only_throttling_differs(&status(8, 0), &status(8, 3)));
+        assert!(!only_throttling_differs(&status(8, 0), &status(9, 0)));
+        assert!(same_status(&status(8, 1), &status(8, 1)));
+    }
 }

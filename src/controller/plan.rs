@@ -155,6 +155,17 @@ impl AccountPlan {
 /// Allocate one account's budget over the jobs of all its integrations.
 /// `members` must all name the same account.
 pub fn plan_account(members: &[ValidatedIntegration], pods: &PodCounts) -> AccountPlan {
+    plan_account_with_demand(members, pods, &HashMap::new())
+}
+
+/// As [`plan_account`], with the demand pods reported; it caps jobs of
+/// integrations that lend idle capacity (`lendIdleCapacity`), never below
+/// their floor, so what they do not use goes to jobs that queue.
+pub fn plan_account_with_demand(
+    members: &[ValidatedIntegration],
+    pods: &PodCounts,
+    demand: &HashMap<JobKey, u32>,
+) -> AccountPlan {
     let mut names: Vec<String> = members
         .iter()
         .map(|m| format!("{}/{}", m.namespace, m.name))
@@ -203,13 +214,17 @@ pub fn plan_account(members: &[ValidatedIntegration], pods: &PodCounts) -> Accou
                 let key = member.key(&job.name);
                 JobRequest {
                     live_pods: pods.get(&key).copied().unwrap_or(0),
+                    demand: if member.lend_idle_capacity {
+                        demand.get(&key).copied()
+                    } else {
+                        None
+                    },
                     key,
                     weight: job.weight,
                     min_requests: job.min_requests.unwrap_or(0),
                     max_requests: job.max_requests,
                     max_concurrency: job.max_concurrency,
                     lend_idle: member.lend_idle_capacity,
-                    demand: None,
                 }
             })
         })

@@ -13,6 +13,7 @@
 
 pub mod auth;
 pub mod book;
+pub mod demand;
 pub mod throttle;
 
 use std::sync::{Arc, Mutex};
@@ -241,8 +242,7 @@ impl Quota {
         self.check_pod_labels(report)?;
 
         let key = integration.key(&report.job);
-        let (members, pods) = self.stores.account_members(&integration.account);
-        let account_plan = plan::plan_account(&members, &pods);
+        let account_plan = self.stores.account_plan(&integration.account, None, now);
         let Some(job) = account_plan.job(&key) else {
             return Err(Refusal::new(
                 StatusCode::NOT_FOUND,
@@ -266,7 +266,23 @@ impl Quota {
             throttled_after = throttling.job(&key).map(|t| t.throttled_windows(window));
         }
         if throttled_before != throttled_after {
-            let _ = self.changed.send(integration_ref);
+            let _ = self.changed.send(integration_ref.clone());
+        }
+        // Demand moves capacity between jobs only where lending is on; then
+        // every integration on the account is re-planned.
+        if integration.lend_idle_capacity {
+            let wanted = report.usage.requests.saturating_add(report.usage.queued);
+            let moved = self
+                .stores
+                .demand
+                .write()
+                .map(|mut book| book.report(&key, wanted, now, account_plan.budget.period_millis))
+                .unwrap_or(false);
+            if moved {
+                for sibling in self.stores.on_account(&integration.account) {
+                    let _ = self.changed.send(sibling);
+                }
+            }
         }
 
         let job_max_concurrency = integration

@@ -62,10 +62,8 @@ impl IntegrationView for Stores {
     }
 
     fn plan_with_new_pod(&self, integration: &ValidatedIntegration, job: &str) -> AccountPlan {
-        let (members, mut pods) = self.account_members(&integration.account);
         let key: JobKey = integration.key(job);
-        *pods.entry(key).or_default() += 1;
-        plan::plan_account(&members, &pods)
+        self.account_plan(&integration.account, Some(&key), crate::quota::now_millis())
     }
 }
 

@@ -424,3 +424,118 @@ async fn twenty_pods_never_hold_more_than_the_usable_budget() {
         rate * 1000.0
     );
 }
+
+fn usage(pod: &str, job: &str, requests: u64, queued: u64) -> Vec<u8> {
+    json!({"namespace": "shop", "integration": "catalog", "job": job, "pod": pod,
+        "usage": {"requests": requests, "byStatus": {"200": requests}, "throttled": 0,
+            "retries": 0, "peakConcurrency": 1, "queued": queued}})
+    .to_string()
+    .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_demand_is_lent_and_returns_when_pods_queue() {
+    let (env, quota, _) = setup().await;
+    env.kubectl(&[
+        "-n",
+        "shop",
+        "patch",
+        "sli",
+        "catalog",
+        "--type=merge",
+        "-p",
+        r#"{"spec": {"lendIdleCapacity": true}}"#,
+    ]);
+    let import = env
+        .pod("shop", "import-0", "catalog", "product-import")
+        .await;
+    let price = env.pod("shop", "price-0", "catalog", "price-sync").await;
+    let import_token = token_for(&env, &import).await;
+    let price_token = token_for(&env, &price).await;
+    let slis = Api::<SalesLayerIntegration>::namespaced(env.client.clone(), "shop");
+    let allocations = || async {
+        let sli = slis.get("catalog").await.map_err(|e| e.to_string())?;
+        let mut jobs: Vec<(String, u32)> = sli
+            .status
+            .map(|s| {
+                s.jobs
+                    .into_iter()
+                    .map(|j| (j.name, j.allocated_requests))
+                    .collect()
+            })
+            .unwrap_or_default();
+        jobs.sort();
+        Ok::<_, String>(jobs)
+    };
+    let want = |price: u32, import: u32| {
+        vec![
+            ("price-sync".to_owned(), price),
+            ("product-import".to_owned(), import),
+        ]
+    };
+
+    // Both busy: 40 split 1:3.
+    eventually("10/30 while both queue", || async {
+        let (status, body) = quota
+            .post(
+                Some(&import_token),
+                usage("import-0", "product-import", 30, 50),
+            )
+            .await;
+        if status != 200 {
+            return Err(format!("{status} {body}"));
+        }
+        let (status, body) = quota
+            .post(Some(&price_token), usage("price-0", "price-sync", 10, 5))
+            .await;
+        if status != 200 {
+            return Err(format!("{status} {body}"));
+        }
+        let seen = allocations().await?;
+        if seen == want(10, 30) {
+            Ok(())
+        } else {
+            Err(format!("{seen:?}"))
+        }
+    })
+    .await;
+
+    // price-sync idles (1 request, nothing queued): what it leaves goes to product-import.
+    eventually("price-sync lends its idle share", || async {
+        quota
+            .post(
+                Some(&import_token),
+                usage("import-0", "product-import", 30, 50),
+            )
+            .await;
+        quota
+            .post(Some(&price_token), usage("price-0", "price-sync", 1, 0))
+            .await;
+        let seen = allocations().await?;
+        match seen.as_slice() {
+            [(_, price), (_, import)] if *price < 10 && price + import == 40 => Ok(()),
+            _ => Err(format!("{seen:?}")),
+        }
+    })
+    .await;
+
+    // It queues again: its share comes back.
+    eventually("price-sync gets its share back", || async {
+        quota
+            .post(
+                Some(&import_token),
+                usage("import-0", "product-import", 30, 50),
+            )
+            .await;
+        quota
+            .post(Some(&price_token), usage("price-0", "price-sync", 5, 40))
+            .await;
+        let seen = allocations().await?;
+        if seen == want(10, 30) {
+            Ok(())
+        } else {
+            Err(format!("{seen:?}"))
+        }
+    })
+    .await;
+}
