@@ -101,6 +101,205 @@ fn stores() -> (Stores, Vec<(Identity, Vec<u8>)>) {
 
 fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    in_process();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(end_to_end());
+}
+
+/// Leases per second over HTTPS: the operator in this process against the
+/// testenv control plane, 50 pods with real bound tokens (reviewed once,
+/// then cached), 32 clients renewing as fast as answers come for 10 s.
+async fn end_to_end() {
+    use k8s_openapi::api::authentication::v1::{
+        BoundObjectReference, TokenRequest, TokenRequestSpec,
+    };
+    use k8s_openapi::api::core::v1::{ConfigMap, Container, PodSpec, ServiceAccount};
+    use kube::Api;
+    use kube::api::PostParams;
+    use saleslayer_operator::testenv::ControlPlane;
+
+    let plane = ControlPlane::start().await.expect("control plane");
+    let client = plane.client().await.expect("client");
+    let crds = Api::<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>::all(client.clone());
+    crds.create(&PostParams::default(), &saleslayer_operator::api::crd())
+        .await
+        .expect("CRD");
+    for namespace in ["shop", "saleslayer-system"] {
+        plane
+            .namespace(&client, namespace)
+            .await
+            .expect("namespace");
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("port")
+            .port()
+    };
+    let (webhook, quota_port, metrics) = (free(), free(), free());
+    let args = [
+        "saleslayer-operator".to_owned(),
+        "run".into(),
+        "--namespace".into(),
+        "saleslayer-system".into(),
+        "--webhook-bind".into(),
+        format!("127.0.0.1:{webhook}"),
+        "--webhook-url".into(),
+        format!("https://127.0.0.1:{webhook}/mutate"),
+        "--quota-bind".into(),
+        format!("127.0.0.1:{quota_port}"),
+        "--metrics-bind".into(),
+        format!("127.0.0.1:{metrics}"),
+    ];
+    let cli = <saleslayer_operator::cli::Cli as clap::Parser>::parse_from(args);
+    let saleslayer_operator::cli::Command::Run(run) = cli.command else {
+        unreachable!()
+    };
+    tokio::spawn(saleslayer_operator::operator::run(
+        client.clone(),
+        *run,
+        futures::future::pending(),
+    ));
+
+    let spec = serde_json::from_value(
+        json!({"account": "acme", "jobs": [{"name": "import", "weight": 1}]}),
+    )
+    .expect("spec");
+    Api::<SalesLayerIntegration>::namespaced(client.clone(), "shop")
+        .create(
+            &PostParams::default(),
+            &SalesLayerIntegration::new("catalog", spec),
+        )
+        .await
+        .expect("integration");
+    let ca = loop {
+        if let Ok(map) = Api::<ConfigMap>::namespaced(client.clone(), "shop")
+            .get("saleslayer-operator-ca")
+            .await
+            && let Some(ca) = map.data.and_then(|d| d.get("ca.crt").cloned())
+        {
+            break ca;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let pods = Api::<Pod>::namespaced(client.clone(), "shop");
+    let accounts = Api::<ServiceAccount>::namespaced(client.clone(), "shop");
+    let mut fleet = Vec::new();
+    for n in 0..50 {
+        let name = format!("import-{n}");
+        let pod = Pod {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                labels: Some(
+                    [
+                        ("saleslayer.io/integration".to_owned(), "catalog".to_owned()),
+                        ("saleslayer.io/job".to_owned(), "import".to_owned()),
+                    ]
+                    .into(),
+                ),
+                ..ObjectMeta::default()
+            },
+            spec: Some(PodSpec {
+                containers: vec![Container {
+                    name: "main".into(),
+                    image: Some("x".into()),
+                    ..Container::default()
+                }],
+                ..PodSpec::default()
+            }),
+            ..Pod::default()
+        };
+        let pod = pods
+            .create(&PostParams::default(), &pod)
+            .await
+            .expect("pod");
+        let request = TokenRequest {
+            spec: Some(TokenRequestSpec {
+                audiences: Some(vec!["saleslayer-operator".into()]),
+                expiration_seconds: Some(3600),
+                bound_object_ref: Some(BoundObjectReference {
+                    kind: Some("Pod".into()),
+                    api_version: Some("v1".into()),
+                    name: pod.metadata.name.clone(),
+                    uid: pod.metadata.uid.clone(),
+                }),
+                ..TokenRequestSpec::default()
+            }),
+            ..TokenRequest::default()
+        };
+        let token = accounts
+            .create_token_request("default", &PostParams::default(), &request)
+            .await
+            .expect("token")
+            .status
+            .and_then(|s| s.token)
+            .expect("token");
+        let body =
+            json!({"namespace": "shop", "integration": "catalog", "job": "import", "pod": name,
+            "usage": {"requests": 1, "byStatus": {"200": 1}}})
+            .to_string();
+        fleet.push((token, body));
+    }
+    let http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).expect("CA"))
+        .build()
+        .expect("http client");
+    let url = format!("https://127.0.0.1:{quota_port}/v1/leases");
+    // Warm up: every token reviewed once (and the store has every pod).
+    for (token, body) in &fleet {
+        loop {
+            let answer = http
+                .post(&url)
+                .bearer_auth(token)
+                .body(body.clone())
+                .send()
+                .await;
+            if answer.is_ok_and(|a| a.status().is_success()) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    let fleet = Arc::new(fleet);
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    let mut clients = Vec::new();
+    for c in 0..32 {
+        let (http, url, fleet) = (http.clone(), url.clone(), fleet.clone());
+        clients.push(tokio::spawn(async move {
+            let (mut ok, mut n) = (0u64, c);
+            while Instant::now() < deadline {
+                let (token, body) = &fleet[n % fleet.len()];
+                n += 32;
+                if let Ok(answer) = http
+                    .post(&url)
+                    .bearer_auth(token)
+                    .body(body.clone())
+                    .send()
+                    .await
+                    && answer.status().is_success()
+                    && answer.bytes().await.is_ok()
+                {
+                    ok += 1;
+                }
+            }
+            ok
+        }));
+    }
+    let mut total = 0;
+    for c in clients {
+        total += c.await.expect("client");
+    }
+    println!(
+        "end to end over HTTPS, 32 clients, 50 pods, 10 s: {total} leases, {:.0} leases/s",
+        total as f64 / 10.0
+    );
+}
+
+fn in_process() {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -19,5 +19,6 @@ pub mod controller;
 pub mod metrics;
 pub mod operator;
 pub mod quota;
+pub mod simulator;
 pub mod testenv;
 pub mod webhook;

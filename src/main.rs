@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use saleslayer_operator::cli::{Cli, Command, RunArgs};
+use saleslayer_operator::cli::{Cli, Command, RunArgs, SimulateArgs};
 use saleslayer_operator::operator;
 
 /// Exit code of a subcommand whose issue has not landed yet.
@@ -19,7 +19,7 @@ fn main() -> ExitCode {
         Command::Crd => return print_crd(),
         Command::Run(args) => return run(*args),
         Command::Proxy(_) => ("proxy", 7),
-        Command::Simulate(_) => ("simulate", 7),
+        Command::Simulate(args) => return simulate(args),
     };
     eprintln!("saleslayer-operator {name}: not built yet (tracked in issue #{issue})");
     ExitCode::from(NOT_YET)
@@ -111,5 +111,27 @@ fn init_tracing() {
         builder.json().with_writer(std::io::stderr).init();
     } else {
         builder.with_writer(std::io::stderr).init();
+    }
+}
+
+fn simulate(args: SimulateArgs) -> ExitCode {
+    init_tracing();
+    let config = saleslayer_operator::simulator::SimulatorConfig {
+        requests: args.requests,
+        period: std::time::Duration::from_secs(args.period_seconds.into()),
+    };
+    let served = tokio::runtime::Runtime::new().and_then(|runtime| {
+        runtime.block_on(saleslayer_operator::simulator::serve(
+            args.bind,
+            config,
+            shutdown_signal(),
+        ))
+    });
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("simulate: {error}");
+            ExitCode::FAILURE
+        }
     }
 }
