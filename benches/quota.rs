@@ -116,15 +116,14 @@ async fn end_to_end() {
     use k8s_openapi::api::authentication::v1::{
         BoundObjectReference, TokenRequest, TokenRequestSpec,
     };
-    use k8s_openapi::api::core::v1::{ConfigMap, Container, PodSpec, ServiceAccount};
+    use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
     use kube::Api;
     use kube::api::PostParams;
     use saleslayer_operator::testenv::ControlPlane;
 
     let plane = ControlPlane::start().await.expect("control plane");
     let client = plane.client().await.expect("client");
-    let crds = Api::<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>::all(client.clone());
-    crds.create(&PostParams::default(), &saleslayer_operator::api::crd())
+    saleslayer_operator::testenv::install_crd(&client)
         .await
         .expect("CRD");
     for namespace in ["shop", "saleslayer-system"] {
@@ -133,35 +132,11 @@ async fn end_to_end() {
             .await
             .expect("namespace");
     }
-    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("port")
-            .port()
-    };
-    let (webhook, quota_port, metrics) = (free(), free(), free());
-    let args = [
-        "saleslayer-operator".to_owned(),
-        "run".into(),
-        "--namespace".into(),
-        "saleslayer-system".into(),
-        "--webhook-bind".into(),
-        format!("127.0.0.1:{webhook}"),
-        "--webhook-url".into(),
-        format!("https://127.0.0.1:{webhook}/mutate"),
-        "--quota-bind".into(),
-        format!("127.0.0.1:{quota_port}"),
-        "--metrics-bind".into(),
-        format!("127.0.0.1:{metrics}"),
-    ];
-    let cli = <saleslayer_operator::cli::Cli as clap::Parser>::parse_from(args);
-    let saleslayer_operator::cli::Command::Run(run) = cli.command else {
-        unreachable!()
-    };
+    let (run, ports) = saleslayer_operator::testenv::run_args("saleslayer-system");
+    let quota_port = ports.quota;
     tokio::spawn(saleslayer_operator::operator::run(
         client.clone(),
-        *run,
+        run,
         futures::future::pending(),
     ));
 
@@ -191,28 +166,8 @@ async fn end_to_end() {
     let mut fleet = Vec::new();
     for n in 0..50 {
         let name = format!("import-{n}");
-        let pod = Pod {
-            metadata: ObjectMeta {
-                name: Some(name.clone()),
-                labels: Some(
-                    [
-                        ("saleslayer.io/integration".to_owned(), "catalog".to_owned()),
-                        ("saleslayer.io/job".to_owned(), "import".to_owned()),
-                    ]
-                    .into(),
-                ),
-                ..ObjectMeta::default()
-            },
-            spec: Some(PodSpec {
-                containers: vec![Container {
-                    name: "main".into(),
-                    image: Some("x".into()),
-                    ..Container::default()
-                }],
-                ..PodSpec::default()
-            }),
-            ..Pod::default()
-        };
+        let pod =
+            saleslayer_operator::testenv::labelled_pod(Some(&name), None, "catalog", "import");
         let pod = pods
             .create(&PostParams::default(), &pod)
             .await

@@ -12,13 +12,12 @@
 
 use std::time::{Duration, Instant};
 
-use clap::Parser;
-use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
+use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
-use kube::api::{ObjectMeta, PostParams};
+use kube::api::PostParams;
 use saleslayer_operator::api::SalesLayerIntegration;
 use saleslayer_operator::controller::plan::{self, AccountPlan, PodCounts, ValidatedIntegration};
-use saleslayer_operator::testenv::ControlPlane;
+use saleslayer_operator::testenv::{ControlPlane, labelled_pod};
 use saleslayer_operator::webhook::{self, mutate::Injection, mutate::IntegrationView};
 use serde_json::json;
 
@@ -113,32 +112,14 @@ fn in_process() {
     println!("in process, 50 000 reviews: p50 {p50:?}  p99 {p99:?}  max {max:?}");
 }
 
+/// A labelled pod (sent to the webhook) or an unlabelled one (never sent).
 fn pod(generate: &str, labels: Option<(&str, &str)>) -> Pod {
-    Pod {
-        metadata: ObjectMeta {
-            generate_name: Some(generate.into()),
-            labels: labels.map(|(integration, job)| {
-                [
-                    (
-                        "saleslayer.io/integration".to_owned(),
-                        integration.to_owned(),
-                    ),
-                    ("saleslayer.io/job".to_owned(), job.to_owned()),
-                ]
-                .into()
-            }),
-            ..ObjectMeta::default()
-        },
-        spec: Some(PodSpec {
-            containers: vec![Container {
-                name: "main".into(),
-                image: Some("example.com/importer:1".into()),
-                ..Container::default()
-            }],
-            ..PodSpec::default()
-        }),
-        ..Pod::default()
+    let (integration, job) = labels.unwrap_or_default();
+    let mut pod = labelled_pod(None, Some(generate), integration, job);
+    if labels.is_none() {
+        pod.metadata.labels = None;
     }
+    pod
 }
 
 /// Create `count` pods at `rate` per second; the latency of each create call.
@@ -168,8 +149,7 @@ async fn paced(pods: &Api<Pod>, template: &Pod, count: usize, rate: u32) -> Vec<
 async fn end_to_end() {
     let plane = ControlPlane::start().await.expect("control plane");
     let client = plane.client().await.expect("client");
-    let crds = Api::<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>::all(client.clone());
-    crds.create(&PostParams::default(), &saleslayer_operator::api::crd())
+    saleslayer_operator::testenv::install_crd(&client)
         .await
         .expect("CRD");
     for namespace in ["shop", "saleslayer-system"] {
@@ -178,30 +158,11 @@ async fn end_to_end() {
             .await
             .expect("namespace");
     }
-    tokio::time::sleep(Duration::from_secs(2)).await; // CRD established
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
-    let bind = format!("127.0.0.1:{port}");
-    let url = format!("https://127.0.0.1:{port}/mutate");
-    let cli = saleslayer_operator::cli::Cli::parse_from([
-        "saleslayer-operator",
-        "run",
-        "--namespace",
-        "saleslayer-system",
-        "--webhook-bind",
-        &bind,
-        "--webhook-url",
-        &url,
-    ]);
-    let saleslayer_operator::cli::Command::Run(args) = cli.command else {
-        unreachable!()
-    };
+    let (args, _) = saleslayer_operator::testenv::run_args("saleslayer-system");
     tokio::spawn(saleslayer_operator::operator::run(
         client.clone(),
-        *args,
+        args,
         futures::future::pending(),
     ));
     let slis = Api::<SalesLayerIntegration>::namespaced(client.clone(), "shop");

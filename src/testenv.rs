@@ -461,3 +461,109 @@ fn free_ports() -> std::io::Result<[u16; 3]> {
         listeners[2].local_addr()?.port(),
     ])
 }
+
+/// A loopback port free at the time of asking.
+pub fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+/// A one-container pod labelled for `integration`/`job`, named or with a
+/// `generateName` (as a Job or ReplicaSet makes them).
+pub fn labelled_pod(
+    name: Option<&str>,
+    generate: Option<&str>,
+    integration: &str,
+    job: &str,
+) -> k8s_openapi::api::core::v1::Pod {
+    use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
+    Pod {
+        metadata: ObjectMeta {
+            name: name.map(str::to_owned),
+            generate_name: generate.map(str::to_owned),
+            labels: Some(
+                [
+                    (
+                        crate::api::LABEL_INTEGRATION.to_owned(),
+                        integration.to_owned(),
+                    ),
+                    (crate::api::LABEL_JOB.to_owned(), job.to_owned()),
+                ]
+                .into(),
+            ),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            containers: vec![Container {
+                name: "main".into(),
+                image: Some("example.com/importer:1".into()),
+                ..Container::default()
+            }],
+            ..PodSpec::default()
+        }),
+        ..Pod::default()
+    }
+}
+
+/// Loopback ports of an operator run out of cluster.
+#[derive(Debug, Clone, Copy)]
+pub struct OperatorPorts {
+    pub webhook: u16,
+    pub quota: u16,
+    pub metrics: u16,
+}
+
+/// `saleslayer-operator run` as the tests, benchmarks and demo run it out of
+/// cluster: its Secret in `namespace`, every server on a free loopback port,
+/// and its own webhook configuration pointing at it.
+pub fn run_args(namespace: &str) -> (crate::cli::RunArgs, OperatorPorts) {
+    use clap::Parser;
+    let ports = OperatorPorts {
+        webhook: free_port(),
+        quota: free_port(),
+        metrics: free_port(),
+    };
+    let cli = crate::cli::Cli::parse_from([
+        "saleslayer-operator".to_owned(),
+        "run".into(),
+        "--namespace".into(),
+        namespace.into(),
+        "--webhook-bind".into(),
+        format!("127.0.0.1:{}", ports.webhook),
+        "--webhook-url".into(),
+        format!("https://127.0.0.1:{}/mutate", ports.webhook),
+        "--quota-bind".into(),
+        format!("127.0.0.1:{}", ports.quota),
+        "--metrics-bind".into(),
+        format!("127.0.0.1:{}", ports.metrics),
+    ]);
+    match cli.command {
+        crate::cli::Command::Run(args) => (*args, ports),
+        // The arguments above always parse as `run`.
+        _ => unreachable!("run arguments parse as run"),
+    }
+}
+
+/// Apply the CRD and wait until the API server serves it.
+pub async fn install_crd(client: &Client) -> Result<(), kube::Error> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let crds = Api::<CustomResourceDefinition>::all(client.clone());
+    let crd = crate::api::crd();
+    let name = crd.metadata.name.clone().unwrap_or_default();
+    crds.create(&PostParams::default(), &crd).await?;
+    let deadline = Instant::now() + READY_DEADLINE;
+    loop {
+        let established = crds.get(&name).await?.status.is_some_and(|s| {
+            s.conditions
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True")
+        });
+        if established || Instant::now() > deadline {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

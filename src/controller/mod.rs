@@ -14,6 +14,8 @@
 //! account, so siblings converge too. Nothing read from the cluster can
 //! crash the process: errors requeue with backoff and show in `Ready`.
 
+mod apply;
+mod events;
 pub mod index;
 pub mod plan;
 
@@ -25,21 +27,22 @@ use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{PartialObjectMeta, Patch, PatchParams};
+use kube::api::PartialObjectMeta;
 use kube::runtime::controller::{Action, Config as ControllerConfig};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
-use kube::{Api, Client, Resource, ResourceExt};
-use serde_json::json;
+use kube::{Api, Client, ResourceExt};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::allocation::JobKey;
-use crate::api::{ANNOTATION_LIMIT, LABEL_INTEGRATION, LABEL_JOB, SalesLayerIntegration};
+use crate::api::{LABEL_INTEGRATION, LABEL_JOB, SalesLayerIntegration};
 use crate::metrics::{AccountLabels, ControllerMetrics, JobLabels, OutcomeLabels};
 use crate::quota::demand::DemandBook;
 use crate::quota::throttle::ThrottleBook;
+use apply::{annotate_pods, patch_status, publish_ca};
+use events::{alert_on_change, publish_changes};
 use index::PodIndex;
 use plan::{AccountPlan, PodCounts, ValidatedIntegration};
 
@@ -494,88 +497,6 @@ fn job_throttling(
         .collect()
 }
 
-/// When `PersistentThrottling` flips: an Event, and a notification if configured.
-async fn alert_on_change(
-    ctx: &Context,
-    sli: &SalesLayerIntegration,
-    integration: &ValidatedIntegration,
-    previous: Option<&crate::api::SalesLayerIntegrationStatus>,
-    status: &crate::api::SalesLayerIntegrationStatus,
-    throttling: &std::collections::BTreeMap<String, plan::JobThrottling>,
-) {
-    let firing = |s: &crate::api::SalesLayerIntegrationStatus| {
-        s.conditions
-            .iter()
-            .find(|c| c.type_ == plan::conditions::PERSISTENT_THROTTLING)
-            .map(|c| {
-                (
-                    c.status == "True",
-                    c.message.clone(),
-                    c.last_transition_time.clone(),
-                )
-            })
-    };
-    let was = previous.and_then(firing).is_some_and(|(on, _, _)| on);
-    let Some((is, message, since)) = firing(status) else {
-        return;
-    };
-    if was == is {
-        return;
-    }
-    let reference = sli.object_ref(&());
-    let (type_, reason, state) = if is {
-        (EventType::Warning, "PersistentThrottling", "firing")
-    } else {
-        (EventType::Normal, "ThrottlingResolved", "resolved")
-    };
-    emit(ctx, &reference, type_, reason, message).await;
-    let Some(notify) = &integration.alerting.notify else {
-        return;
-    };
-    let jobs: Vec<String> = if is {
-        status
-            .summary
-            .as_ref()
-            .map(|s| s.throttling.split(',').map(str::to_owned).collect())
-            .unwrap_or_default()
-    } else {
-        previous
-            .and_then(|p| p.summary.as_ref())
-            .map(|s| {
-                s.throttling
-                    .split(',')
-                    .filter(|j| *j != "none")
-                    .map(str::to_owned)
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let notification = crate::alerts::Notification {
-        integration: integration.name.clone(),
-        namespace: integration.namespace.clone(),
-        throttled_requests: jobs
-            .iter()
-            .filter_map(|j| throttling.get(j))
-            .map(|t| t.throttled_requests)
-            .sum(),
-        windows: jobs
-            .iter()
-            .filter_map(|j| throttling.get(j))
-            .map(|t| t.windows)
-            .max()
-            .unwrap_or(0),
-        jobs,
-        state,
-        since: since.0.to_string(),
-    };
-    match crate::alerts::target(&ctx.client, &integration.namespace, &notify.secret_ref).await {
-        Ok(url) => {
-            tokio::spawn(crate::alerts::send(ctx.http.clone(), url, notification));
-        }
-        Err(error) => warn!(%error, "cannot notify about persistent throttling"),
-    }
-}
-
 /// Whether `a` and `b` differ only in what the quota API counts.
 fn only_throttling_differs(
     a: &crate::api::SalesLayerIntegrationStatus,
@@ -611,195 +532,6 @@ fn same_status(
         s
     };
     strip(a) == strip(b)
-}
-
-async fn annotate_pods(
-    ctx: &Context,
-    integration: &ValidatedIntegration,
-    account_plan: &AccountPlan,
-) -> Result<(), Error> {
-    // Which pods need a new annotation, decided under the lock, written after.
-    let mut writes = Vec::new();
-    if let Ok(index) = ctx.stores.index.read() {
-        for job in &integration.jobs {
-            let key = integration.key(&job.name);
-            let Some(limit) = plan::pod_limit(account_plan, &key) else {
-                continue;
-            };
-            let wanted = limit.to_json();
-            for name in index.pods_of(&key) {
-                let current = ctx
-                    .stores
-                    .pods
-                    .get(&ObjectRef::new(name).within(&key.namespace))
-                    .and_then(|pod| {
-                        pod.metadata
-                            .annotations
-                            .as_ref()?
-                            .get(ANNOTATION_LIMIT)
-                            .cloned()
-                    });
-                if current.as_ref() != Some(&wanted) {
-                    writes.push((name.clone(), wanted.clone()));
-                }
-            }
-        }
-    }
-    let pods = Api::<Pod>::namespaced(ctx.client.clone(), &integration.namespace);
-    for (name, wanted) in writes {
-        let patch = json!({
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": { "name": name, "annotations": { ANNOTATION_LIMIT: wanted } },
-        });
-        pods.patch(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-        .map(|_| ())
-        .or_else(|error| match error {
-            // The pod went away meanwhile: nothing left to annotate.
-            kube::Error::Api(ref status) if status.code == 404 => Ok(()),
-            other => Err(Error::AnnotatePod(
-                format!("{}/{name}", integration.namespace),
-                other,
-            )),
-        })?;
-    }
-    Ok(())
-}
-
-/// Apply ConfigMap `saleslayer-operator-ca` in `namespace` once per process.
-async fn publish_ca(ctx: &Context, namespace: &str) -> Result<(), Error> {
-    let Some(ca) = ctx.ca_pem.as_ref() else {
-        return Ok(());
-    };
-    if ctx
-        .ca_published
-        .lock()
-        .map(|done| done.contains(namespace))
-        .unwrap_or(false)
-    {
-        return Ok(());
-    }
-    let map = json!({
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {"name": crate::webhook::mutate::CA_CONFIGMAP},
-        "data": {"ca.crt": ca},
-    });
-    Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(ctx.client.clone(), namespace)
-        .patch(
-            crate::webhook::mutate::CA_CONFIGMAP,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&map),
-        )
-        .await
-        .map_err(|error| Error::PublishCa(namespace.to_owned(), error))?;
-    if let Ok(mut done) = ctx.ca_published.lock() {
-        done.insert(namespace.to_owned());
-    }
-    Ok(())
-}
-
-async fn patch_status(
-    client: &Client,
-    sli: &SalesLayerIntegration,
-    status: &crate::api::SalesLayerIntegrationStatus,
-) -> Result<(), Error> {
-    let namespace = sli.namespace().unwrap_or_default();
-    let name = sli.name_any();
-    let patch = json!({
-        "apiVersion": SalesLayerIntegration::api_version(&()),
-        "kind": SalesLayerIntegration::kind(&()),
-        "status": status,
-    });
-    Api::<SalesLayerIntegration>::namespaced(client.clone(), &namespace)
-        .patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-        .map(|_| ())
-        .map_err(|error| Error::PatchStatus(format!("{namespace}/{name}"), error))
-}
-
-/// Events for a person reading `kubectl describe`: allocation changes, and
-/// the moment an account becomes overcommitted.
-async fn publish_changes(
-    ctx: &Context,
-    sli: &SalesLayerIntegration,
-    previous: Option<&crate::api::SalesLayerIntegrationStatus>,
-    status: &crate::api::SalesLayerIntegrationStatus,
-    account_plan: &AccountPlan,
-) {
-    let reference = sli.object_ref(&());
-    let shares = |s: &crate::api::SalesLayerIntegrationStatus| {
-        s.jobs
-            .iter()
-            .map(|j| (j.name.clone(), j.allocated_requests, j.pods))
-            .collect::<Vec<_>>()
-    };
-    if previous.map(shares) != Some(shares(status)) {
-        let note = status
-            .jobs
-            .iter()
-            .map(|j| {
-                format!(
-                    "{} {} ({} per pod over {} pods)",
-                    j.name, j.allocated_requests, j.per_pod.requests, j.pods
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
-        let note = format!(
-            "of {} requests: {note}",
-            plan::show_budget(account_plan.budget)
-        );
-        emit(
-            ctx,
-            &reference,
-            EventType::Normal,
-            "AllocationChanged",
-            note,
-        )
-        .await;
-    }
-    let was_over = previous.is_some_and(|p| {
-        p.conditions
-            .iter()
-            .any(|c| c.type_ == plan::conditions::OVERCOMMITTED && c.status == "True")
-    });
-    if let (Some(over), false) = (account_plan.allocation.overcommit, was_over) {
-        let note = format!(
-            "floors on account {} sum to {} but its usable budget is {}; floors were scaled down",
-            account_plan.account, over.floors, over.usable
-        );
-        emit(ctx, &reference, EventType::Warning, "Overcommitted", note).await;
-    }
-}
-
-/// Publish an Event about an integration; a failure is logged, never fatal.
-async fn emit(
-    ctx: &Context,
-    reference: &k8s_openapi::api::core::v1::ObjectReference,
-    type_: EventType,
-    reason: &str,
-    note: String,
-) {
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: "Allocate".into(),
-        secondary: None,
-    };
-    if let Err(error) = ctx.recorder.publish(&event, reference).await {
-        warn!(%error, reason, "publishing an event failed");
-    }
 }
 
 fn error_policy(sli: Arc<SalesLayerIntegration>, error: &Error, ctx: Arc<Context>) -> Action {

@@ -1,16 +1,14 @@
 //! Shared by the integration tests: a control plane with the CRD installed,
 //! the controller running in-process, and waiting on observed state.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
-use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
-use kube::api::{ObjectMeta, PostParams};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::PostParams;
 use kube::{Api, Client};
-use saleslayer_operator::testenv::ControlPlane;
+pub use saleslayer_operator::testenv::{ControlPlane, free_port, labelled_pod};
 use tokio::sync::oneshot;
 
 /// How long any awaited state may take to appear.
@@ -84,35 +82,14 @@ impl Env {
     pub async fn with_operator() -> Self {
         let mut env = Self::with_crd().await;
         env.namespace("saleslayer-system").await;
-        let port = free_port();
-        env.quota_port = free_port();
-        let quota_bind = format!("127.0.0.1:{}", env.quota_port);
-        env.metrics_port = free_port();
-        let metrics_bind = format!("127.0.0.1:{}", env.metrics_port);
-        let bind = format!("127.0.0.1:{port}");
-        let url = format!("https://127.0.0.1:{port}/mutate");
-        let cli = saleslayer_operator::cli::Cli::parse_from([
-            "saleslayer-operator",
-            "run",
-            "--namespace",
-            "saleslayer-system",
-            "--webhook-bind",
-            &bind,
-            "--webhook-url",
-            &url,
-            "--quota-bind",
-            &quota_bind,
-            "--metrics-bind",
-            &metrics_bind,
-        ]);
-        let saleslayer_operator::cli::Command::Run(args) = cli.command else {
-            unreachable!("parsed a run command")
-        };
+        let (args, ports) = saleslayer_operator::testenv::run_args("saleslayer-system");
+        env.quota_port = ports.quota;
+        env.metrics_port = ports.metrics;
         let (stop, stopped) = oneshot::channel::<()>();
         let _ = rustls::crypto::ring::default_provider().install_default();
         tokio::spawn(saleslayer_operator::operator::run(
             env.client.clone(),
-            *args,
+            args,
             async move {
                 let _ = stopped.await;
             },
@@ -207,55 +184,12 @@ impl Env {
     }
 }
 
-/// A one-container pod labelled for `integration`/`job`, named or with a
-/// `generateName` (as a Job or ReplicaSet makes them).
-pub fn labelled_pod(
-    name: Option<&str>,
-    generate: Option<&str>,
-    integration: &str,
-    job: &str,
-) -> Pod {
-    let labels: BTreeMap<String, String> = [
-        (
-            "saleslayer.io/integration".to_owned(),
-            integration.to_owned(),
-        ),
-        ("saleslayer.io/job".to_owned(), job.to_owned()),
-    ]
-    .into();
-    Pod {
-        metadata: ObjectMeta {
-            name: name.map(str::to_owned),
-            generate_name: generate.map(str::to_owned),
-            labels: Some(labels),
-            ..ObjectMeta::default()
-        },
-        spec: Some(PodSpec {
-            containers: vec![Container {
-                name: "main".into(),
-                image: Some("example.com/importer:1".into()),
-                ..Container::default()
-            }],
-            ..PodSpec::default()
-        }),
-        ..Pod::default()
-    }
-}
-
 impl Drop for Env {
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
     }
-}
-
-/// A loopback port free at the time of asking.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
 }
 
 /// Poll `check` until it yields `Some`, or panic with the last observation
