@@ -80,9 +80,17 @@ impl Env {
     /// Control plane + CRD + the whole operator (controller and webhook),
     /// as `saleslayer-operator run --webhook-url https://127.0.0.1:<port>/mutate`.
     pub async fn with_operator() -> Self {
+        Self::with_operator_args(|_| {}).await
+    }
+
+    /// As [`Env::with_operator`], with the `run` arguments adjusted first.
+    pub async fn with_operator_args(
+        adjust: impl FnOnce(&mut saleslayer_operator::cli::RunArgs),
+    ) -> Self {
         let mut env = Self::with_crd().await;
         env.namespace("saleslayer-system").await;
-        let (args, ports) = saleslayer_operator::testenv::run_args("saleslayer-system");
+        let (mut args, ports) = saleslayer_operator::testenv::run_args("saleslayer-system");
+        adjust(&mut args);
         env.quota_port = ports.quota;
         env.metrics_port = ports.metrics;
         let (stop, stopped) = oneshot::channel::<()>();

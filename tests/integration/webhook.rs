@@ -290,3 +290,61 @@ async fn bad_pods_are_refused_and_unlabelled_pods_never_reach_the_webhook() {
             .contains_key("saleslayer.io/injected")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_files_replace_the_operators_own_ca() {
+    // Files as cert-manager would mount them.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let authority = saleslayer_operator::certs::Authority::generate().expect("CA");
+    let serving = authority
+        .issue(&["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .expect("serving certificate");
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    std::fs::write(path("ca.crt"), &authority.ca_pem).expect("write");
+    std::fs::write(path("tls.crt"), &serving.cert_pem).expect("write");
+    std::fs::write(path("tls.key"), &serving.key_pem).expect("write");
+    let env = Env::with_operator_args(|args| {
+        args.ca_file = Some(path("ca.crt"));
+        args.tls_cert_file = Some(path("tls.crt"));
+        args.tls_key_file = Some(path("tls.key"));
+    })
+    .await;
+    env.namespace("shop").await;
+    ready(&env).await;
+
+    // The API server trusts the mounted CA, so admission works through it.
+    let pod = Api::<Pod>::namespaced(env.client.clone(), "shop")
+        .create(
+            &PostParams::default(),
+            &labelled(Some("import-0"), None, "product-import"),
+        )
+        .await
+        .expect("pod admitted");
+    assert!(
+        pod.metadata
+            .annotations
+            .unwrap_or_default()
+            .contains_key("saleslayer.io/limit")
+    );
+    let bundle =
+        Api::<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration>::all(
+            env.client.clone(),
+        )
+        .get("saleslayer-operator")
+        .await
+        .expect("configuration")
+        .webhooks
+        .and_then(|w| w.into_iter().next())
+        .and_then(|w| w.client_config.ca_bundle)
+        .expect("caBundle");
+    assert_eq!(bundle.0, authority.ca_pem.as_bytes());
+    // And the operator made no CA of its own.
+    let secret = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(
+        env.client.clone(),
+        "saleslayer-system",
+    )
+    .get_opt("saleslayer-operator-tls")
+    .await
+    .expect("read secret");
+    assert!(secret.is_none());
+}
