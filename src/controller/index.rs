@@ -23,6 +23,8 @@ pub struct PodIndex {
     jobs: HashMap<JobKey, BTreeSet<String>>,
     /// A relist in progress: the next state, swapped in when it is complete.
     relist: Option<Box<PodIndex>>,
+    /// Whether a first complete list has been seen.
+    listed: bool,
 }
 
 impl PodIndex {
@@ -40,8 +42,14 @@ impl PodIndex {
                 if let Some(next) = self.relist.take() {
                     *self = *next;
                 }
+                self.listed = true;
             }
         }
+    }
+
+    /// Whether the watch has delivered its first complete list.
+    pub fn listed(&self) -> bool {
+        self.listed
     }
 
     /// Live pods of `job`.
@@ -158,7 +166,9 @@ mod tests {
         index.apply(&watcher::Event::Init);
         index.apply(&watcher::Event::InitApply(pod("kept", "import")));
         assert_eq!(index.count(&key("import")), 1, "old state until InitDone");
+        assert!(!index.listed());
         index.apply(&watcher::Event::InitDone);
+        assert!(index.listed());
         assert_eq!(index.pods_of(&key("import")).collect::<Vec<_>>(), ["kept"]);
     }
 }

@@ -34,10 +34,10 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use crate::allocation::JobKey;
-use crate::api::{LABEL_INTEGRATION, LABEL_JOB, SalesLayerIntegration};
+use crate::api::{ANNOTATION_LIMIT, LABEL_INTEGRATION, LABEL_JOB, SalesLayerIntegration};
 use crate::metrics::{AccountLabels, ControllerMetrics, JobLabels, OutcomeLabels};
 use crate::quota::demand::DemandBook;
 use crate::quota::throttle::ThrottleBook;
@@ -143,6 +143,11 @@ impl Stores {
             Some(sli) => self.on_account(&sli.spec.account),
             None => vec![key],
         }
+    }
+
+    /// Whether the pod watch's first list is complete (until then counts are low).
+    pub fn pods_listed(&self) -> bool {
+        self.index.read().is_ok_and(|index| index.listed())
     }
 
     /// Refs of every integration on `account`.
@@ -253,7 +258,16 @@ pub fn controller(
         .labels(LABEL_INTEGRATION)
         .fields(LIVE_POD_FIELDS);
     let index = stores.index.clone();
-    let pod_stream = reflector::reflector(pod_writer, watcher(pods, pod_config))
+    // Keep only what planning needs of each pod: managedFields and other
+    // annotations (last-applied configurations, for one) would be most of
+    // the memory at 10 000 pods.
+    let slim = watcher(pods, pod_config).modify(|pod: &mut PartialObjectMeta<Pod>| {
+        pod.metadata.managed_fields = None;
+        if let Some(annotations) = pod.metadata.annotations.as_mut() {
+            annotations.retain(|key, _| key == ANNOTATION_LIMIT);
+        }
+    });
+    let pod_stream = reflector::reflector(pod_writer, slim)
         .default_backoff()
         .inspect(move |event| {
             if let (Ok(event), Ok(mut index)) = (event, index.write()) {
@@ -345,9 +359,19 @@ fn tokio_stream_from<T: Send + 'static>(
 }
 
 async fn reconcile(sli: Arc<SalesLayerIntegration>, ctx: Arc<Context>) -> Result<Action, Error> {
+    // Planning with a half-listed pod store would write 0-pod statuses.
+    if !ctx.stores.pods_listed() {
+        return Ok(Action::requeue(Duration::from_millis(200)));
+    }
     let started = std::time::Instant::now();
     ctx.metrics.reconciles.inc();
-    let result = reconcile_inner(sli, &ctx).await;
+    let span = tracing::info_span!(
+        "reconcile",
+        namespace = %sli.namespace().unwrap_or_default(),
+        integration = %sli.name_any(),
+        account = %sli.spec.account
+    );
+    let result = reconcile_inner(sli, &ctx).instrument(span).await;
     ctx.metrics
         .reconcile_duration
         .observe(started.elapsed().as_secs_f64());
@@ -356,9 +380,6 @@ async fn reconcile(sli: Arc<SalesLayerIntegration>, ctx: Arc<Context>) -> Result
 
 async fn reconcile_inner(sli: Arc<SalesLayerIntegration>, ctx: &Context) -> Result<Action, Error> {
     let namespace = sli.namespace().unwrap_or_default();
-    let name = sli.name_any();
-    let span = tracing::info_span!("reconcile", %namespace, integration = %name, account = %sli.spec.account);
-    let _entered = span.enter();
     let now = Time(Timestamp::now());
 
     // validate
