@@ -262,9 +262,18 @@ pub fn controller(
     // annotations (last-applied configurations, for one) would be most of
     // the memory at 10 000 pods.
     let slim = watcher(pods, pod_config).modify(|pod: &mut PartialObjectMeta<Pod>| {
-        pod.metadata.managed_fields = None;
-        if let Some(annotations) = pod.metadata.annotations.as_mut() {
+        let meta = &mut pod.metadata;
+        meta.managed_fields = None;
+        meta.owner_references = None;
+        meta.finalizers = None;
+        meta.generate_name = None;
+        meta.uid = None;
+        meta.creation_timestamp = None;
+        if let Some(annotations) = meta.annotations.as_mut() {
             annotations.retain(|key, _| key == ANNOTATION_LIMIT);
+        }
+        if let Some(labels) = meta.labels.as_mut() {
+            labels.retain(|key, _| key == LABEL_INTEGRATION || key == LABEL_JOB);
         }
     });
     let pod_stream = reflector::reflector(pod_writer, slim)
