@@ -46,6 +46,8 @@ demo-down:
 bench: testenv
 	$(CARGO) build --release --bin saleslayer-operator
 	$(CARGO) bench --bench allocation
+	$(CARGO) bench --bench webhook
+	$(CARGO) bench --bench quota
 	$(CARGO) bench --bench convergence
 
 clean: demo-down

@@ -242,7 +242,8 @@ pub fn controller(
 
     let sli_stream = reflector::reflector(
         sli_writer,
-        watcher(integrations, watcher::Config::default()),
+        watcher(integrations, watcher::Config::default())
+            .modify(|sli: &mut SalesLayerIntegration| sli.metadata.managed_fields = None),
     )
     .default_backoff()
     .inspect(|event| {
