@@ -113,10 +113,7 @@ fn main() {
 /// testenv control plane, 50 pods with real bound tokens (reviewed once,
 /// then cached), 32 clients renewing as fast as answers come for 10 s.
 async fn end_to_end() {
-    use k8s_openapi::api::authentication::v1::{
-        BoundObjectReference, TokenRequest, TokenRequestSpec,
-    };
-    use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
+    use k8s_openapi::api::core::v1::ConfigMap;
     use kube::Api;
     use kube::api::PostParams;
     use saleslayer_operator::testenv::ControlPlane;
@@ -162,7 +159,6 @@ async fn end_to_end() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     };
     let pods = Api::<Pod>::namespaced(client.clone(), "shop");
-    let accounts = Api::<ServiceAccount>::namespaced(client.clone(), "shop");
     let mut fleet = Vec::new();
     for n in 0..50 {
         let name = format!("import-{n}");
@@ -172,26 +168,9 @@ async fn end_to_end() {
             .create(&PostParams::default(), &pod)
             .await
             .expect("pod");
-        let request = TokenRequest {
-            spec: Some(TokenRequestSpec {
-                audiences: Some(vec!["saleslayer-operator".into()]),
-                expiration_seconds: Some(3600),
-                bound_object_ref: Some(BoundObjectReference {
-                    kind: Some("Pod".into()),
-                    api_version: Some("v1".into()),
-                    name: pod.metadata.name.clone(),
-                    uid: pod.metadata.uid.clone(),
-                }),
-                ..TokenRequestSpec::default()
-            }),
-            ..TokenRequest::default()
-        };
-        let token = accounts
-            .create_token_request("default", &PostParams::default(), &request)
+        let token = saleslayer_operator::testenv::pod_token(&client, &pod, 3600)
             .await
-            .expect("token")
-            .status
-            .and_then(|s| s.token)
+            .expect("token request")
             .expect("token");
         let body =
             json!({"namespace": "shop", "integration": "catalog", "job": "import", "pod": name,

@@ -567,3 +567,34 @@ pub async fn install_crd(client: &Client) -> Result<(), kube::Error> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A token for `pod`'s `default` service account, bound to the pod, with the
+/// quota API's audience: what the webhook's projected volume gives a pod.
+pub async fn pod_token(
+    client: &Client,
+    pod: &k8s_openapi::api::core::v1::Pod,
+    seconds: i64,
+) -> Result<Option<String>, kube::Error> {
+    use k8s_openapi::api::authentication::v1::{
+        BoundObjectReference, TokenRequest, TokenRequestSpec,
+    };
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: Some(vec![crate::webhook::mutate::TOKEN_AUDIENCE.into()]),
+            expiration_seconds: Some(seconds),
+            bound_object_ref: Some(BoundObjectReference {
+                kind: Some("Pod".into()),
+                api_version: Some("v1".into()),
+                name: pod.metadata.name.clone(),
+                uid: pod.metadata.uid.clone(),
+            }),
+            ..TokenRequestSpec::default()
+        }),
+        ..TokenRequest::default()
+    };
+    let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+    let issued = Api::<ServiceAccount>::namespaced(client.clone(), &namespace)
+        .create_token_request("default", &PostParams::default(), &request)
+        .await?;
+    Ok(issued.status.and_then(|s| s.token))
+}

@@ -6,10 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use axum::Json;
 use axum::routing::post;
-use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::Api;
-use kube::api::PostParams;
 use saleslayer_operator::api::SalesLayerIntegration;
 use serde_json::{Value, json};
 
@@ -61,26 +59,9 @@ fn report(pod: &str, job: &str, throttled: u64) -> Vec<u8> {
 }
 
 async fn token_for(env: &Env, pod: &Pod) -> String {
-    let request = TokenRequest {
-        spec: Some(TokenRequestSpec {
-            audiences: Some(vec!["saleslayer-operator".into()]),
-            expiration_seconds: Some(600),
-            bound_object_ref: Some(BoundObjectReference {
-                kind: Some("Pod".into()),
-                api_version: Some("v1".into()),
-                name: pod.metadata.name.clone(),
-                uid: pod.metadata.uid.clone(),
-            }),
-            ..TokenRequestSpec::default()
-        }),
-        ..TokenRequest::default()
-    };
-    Api::<ServiceAccount>::namespaced(env.client.clone(), "shop")
-        .create_token_request("default", &PostParams::default(), &request)
+    saleslayer_operator::testenv::pod_token(&env.client, pod, 600)
         .await
         .expect("token request")
-        .status
-        .and_then(|s| s.token)
         .expect("a token")
 }
 
