@@ -271,12 +271,17 @@ impl Quota {
         // Demand moves capacity between jobs only where lending is on; then
         // every integration on the account is re-planned.
         if integration.lend_idle_capacity {
-            let wanted = report.usage.requests.saturating_add(report.usage.queued);
+            let seen = demand::Report {
+                job: &key,
+                pod: &report.pod,
+                sent: report.usage.requests,
+                queued: report.usage.queued,
+            };
             let moved = self
                 .stores
                 .demand
                 .write()
-                .map(|mut book| book.report(&key, wanted, now, account_plan.budget.period_millis))
+                .map(|mut book| book.report(seen, now, account_plan.budget.period_millis))
                 .unwrap_or(false);
             if moved {
                 for sibling in self.stores.on_account(&integration.account) {
