@@ -70,6 +70,21 @@ pub struct RunArgs {
     /// Elect a leader among replicas (default: on in a cluster, off outside).
     #[arg(long, env = "SALESLAYER_LEADER_ELECT")]
     pub leader_elect: Option<bool>,
+    /// Image of the sidecar injected into pods annotated `saleslayer.io/proxy: "true"`
+    /// (the operator's own image: it runs `saleslayer-operator proxy`).
+    #[arg(
+        long,
+        env = "SALESLAYER_PROXY_IMAGE",
+        default_value = "ghcr.io/saleslayer-operator/saleslayer-operator:0.1.0"
+    )]
+    pub proxy_image: String,
+    /// The Sales Layer API the injected sidecars forward to.
+    #[arg(
+        long,
+        env = "SALESLAYER_PROXY_UPSTREAM",
+        default_value = "https://api.saleslayer.com"
+    )]
+    pub proxy_upstream: String,
 }
 
 #[derive(Debug, Args)]
