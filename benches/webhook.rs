@@ -94,6 +94,8 @@ fn in_process() {
     let view = Account(members);
     let injection = Injection {
         quota_url: "https://saleslayer-operator-quota.saleslayer-system.svc:8443".into(),
+        proxy_image: "saleslayer-operator:test".into(),
+        proxy_upstream: "https://api.saleslayer.com".into(),
     };
     let bodies: Vec<Vec<u8>> = (0..5).map(|j| review(&format!("job-{j}"))).collect();
     for body in &bodies {

@@ -106,6 +106,8 @@ pub async fn run(
     // would refuse every labelled pod (failurePolicy Fail).
     let injection = Injection {
         quota_url: quota_url(&args, &namespace),
+        proxy_image: args.proxy_image.clone(),
+        proxy_upstream: args.proxy_upstream.clone(),
     };
     let quota = Arc::new(Quota::new(
         stores.clone(),

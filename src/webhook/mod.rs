@@ -278,6 +278,8 @@ mod tests {
     fn injection() -> Injection {
         Injection {
             quota_url: "https://quota.example:8443".into(),
+            proxy_image: "saleslayer-operator:test".into(),
+            proxy_upstream: "https://api.saleslayer.com".into(),
         }
     }
 

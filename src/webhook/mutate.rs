@@ -52,6 +52,10 @@ pub trait IntegrationView {
 pub struct Injection {
     /// `SALESLAYER_QUOTA_URL`.
     pub quota_url: String,
+    /// Image of the sidecar for pods annotated `saleslayer.io/proxy: "true"`.
+    pub proxy_image: String,
+    /// Where that sidecar forwards (the Sales Layer API).
+    pub proxy_upstream: String,
 }
 
 /// Why a pod is refused; the message is shown to whoever created the pod.
