@@ -47,7 +47,7 @@ pub const LEASE_TTL: Duration = Duration::from_secs(15);
 pub const LEASE_REFRESH: Duration = Duration::from_secs(5);
 
 /// A pod's report: who it is and what it did since its previous call.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LeaseBody {
     pub namespace: String,
@@ -59,7 +59,7 @@ pub struct LeaseBody {
 }
 
 /// Usage since the previous call.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Usage {
     #[serde(default)]
