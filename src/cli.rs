@@ -22,7 +22,7 @@ pub enum Command {
     /// Print the SalesLayerIntegration CRD as YAML.
     Crd,
     /// Run the per-pod sidecar that paces, retries and reports.
-    Proxy(ProxyArgs),
+    Proxy(Box<ProxyArgs>),
     /// Run a stand-in for the Sales Layer API that enforces a rate limit per API key.
     Simulate(SimulateArgs),
 }
@@ -87,14 +87,73 @@ pub struct RunArgs {
     pub proxy_upstream: String,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct ProxyArgs {
     /// Local address the workload sends its Sales Layer requests to.
     #[arg(long, env = "SALESLAYER_PROXY_BIND", default_value = "127.0.0.1:8787")]
     pub bind: SocketAddr,
+    /// Address of the sidecar's /metrics and /healthz.
+    #[arg(
+        long,
+        env = "SALESLAYER_PROXY_METRICS_BIND",
+        default_value = "0.0.0.0:8788"
+    )]
+    pub metrics_bind: SocketAddr,
     /// The Sales Layer API (or the simulator) to forward to.
     #[arg(long, env = "SALESLAYER_UPSTREAM")]
     pub upstream: Option<String>,
+    /// Requests that may wait for their turn; beyond it callers get 503 at once.
+    #[arg(long, env = "SALESLAYER_PROXY_QUEUE", default_value_t = 1024)]
+    pub queue: usize,
+    /// How long one upstream attempt may take.
+    #[arg(
+        long,
+        env = "SALESLAYER_PROXY_UPSTREAM_TIMEOUT_SECONDS",
+        default_value_t = 30
+    )]
+    pub upstream_timeout_seconds: u64,
+    /// This pod's share at admission (injected).
+    #[arg(long, env = "SALESLAYER_RATE_REQUESTS")]
+    pub rate_requests: Option<u32>,
+    /// Period of that share in milliseconds (injected).
+    #[arg(long, env = "SALESLAYER_RATE_PERIOD_MS")]
+    pub rate_period_ms: Option<u64>,
+    /// Concurrent upstream requests (injected).
+    #[arg(long, env = "SALESLAYER_MAX_CONCURRENCY", default_value_t = 1)]
+    pub max_concurrency: u32,
+    /// Attempts in all, the first included (injected).
+    #[arg(long, env = "SALESLAYER_RETRY_MAX_ATTEMPTS", default_value_t = 4)]
+    pub retry_max_attempts: u32,
+    /// Backoff base in milliseconds (injected).
+    #[arg(long, env = "SALESLAYER_RETRY_BASE_DELAY_MS", default_value_t = 1000)]
+    pub retry_base_delay_ms: u64,
+    /// Backoff ceiling in milliseconds (injected).
+    #[arg(long, env = "SALESLAYER_RETRY_MAX_DELAY_MS", default_value_t = 8000)]
+    pub retry_max_delay_ms: u64,
+    /// The downward-API file of the pod's limit annotation (injected).
+    #[arg(long, env = "SALESLAYER_LIMIT_FILE")]
+    pub limit_file: Option<PathBuf>,
+    /// The quota API (injected).
+    #[arg(long, env = "SALESLAYER_QUOTA_URL")]
+    pub quota_url: Option<String>,
+    /// The pod's projected token for the quota API (injected).
+    #[arg(long, env = "SALESLAYER_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// The CA of the quota API's certificate (injected).
+    #[arg(long, env = "SALESLAYER_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// The integration this pod belongs to (injected).
+    #[arg(long, env = "SALESLAYER_INTEGRATION")]
+    pub integration: Option<String>,
+    /// The job this pod runs (injected).
+    #[arg(long, env = "SALESLAYER_JOB")]
+    pub job: Option<String>,
+    /// The pod's namespace (downward API).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// The pod's name (downward API).
+    #[arg(long, env = "POD_NAME")]
+    pub pod: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -7,22 +7,16 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use saleslayer_operator::cli::{Cli, Command, RunArgs, SimulateArgs};
+use saleslayer_operator::cli::{Cli, Command, ProxyArgs, RunArgs, SimulateArgs};
 use saleslayer_operator::operator;
 
-/// Exit code of a subcommand whose issue has not landed yet.
-const NOT_YET: u8 = 2;
-
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let (name, issue) = match cli.command {
-        Command::Crd => return print_crd(),
-        Command::Run(args) => return run(*args),
-        Command::Proxy(_) => ("proxy", 7),
-        Command::Simulate(args) => return simulate(args),
-    };
-    eprintln!("saleslayer-operator {name}: not built yet (tracked in issue #{issue})");
-    ExitCode::from(NOT_YET)
+    match Cli::parse().command {
+        Command::Crd => print_crd(),
+        Command::Run(args) => run(*args),
+        Command::Proxy(args) => proxy(*args),
+        Command::Simulate(args) => simulate(args),
+    }
 }
 
 fn print_crd() -> ExitCode {
@@ -75,7 +69,7 @@ async fn operate(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(
         quota = %args.quota_bind,
         metrics = %args.metrics_bind,
-        "starting; /metrics is not built yet (issue #5)"
+        "starting"
     );
     operator::run(client, args, shutdown_signal()).await?;
     tracing::info!("stopped");
@@ -131,6 +125,24 @@ fn simulate(args: SimulateArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("simulate: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn proxy(args: ProxyArgs) -> ExitCode {
+    init_tracing();
+    // The upstream client and the quota API client share one TLS provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let served = tokio::runtime::Runtime::new()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| {
+            runtime.block_on(saleslayer_operator::proxy::run(args, shutdown_signal()))
+        });
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("proxy: {error:#}");
             ExitCode::FAILURE
         }
     }

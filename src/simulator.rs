@@ -29,7 +29,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
@@ -37,6 +37,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+
+use crate::clock::{Clock, SystemClock};
 
 /// Header that carries the API key, as Sales Layer expects it.
 pub const API_KEY_HEADER: &str = "x-api-key";
@@ -362,7 +364,7 @@ fn shown(text: &str) -> String {
 
 /// The shared state of one simulator.
 struct Simulator {
-    started: Instant,
+    clock: Arc<dyn Clock>,
     books: Mutex<Books>,
 }
 
@@ -399,8 +401,14 @@ fn error_response(status: StatusCode, message: &str) -> Response {
 
 /// The simulated API: `/products`, `/stats`, and JSON errors for anything else.
 pub fn router(config: SimulatorConfig) -> Router {
+    router_with_clock(config, Arc::new(SystemClock::default()))
+}
+
+/// The simulated API with its window measured on `clock` (a manual clock
+/// lets tests move time instead of sleeping).
+pub fn router_with_clock(config: SimulatorConfig, clock: Arc<dyn Clock>) -> Router {
     let simulator = Arc::new(Simulator {
-        started: Instant::now(),
+        clock,
         books: Mutex::new(Books {
             limiter: SlidingWindowLimiter::new(config.requests, config.period),
             stats: SimulatorStats::default(),
@@ -463,7 +471,7 @@ async fn products(
     let verdict = {
         let mut books = simulator.books();
         // Read the clock under the lock so each key sees time move forward.
-        let verdict = books.limiter.check(key, simulator.started.elapsed());
+        let verdict = books.limiter.check(key, simulator.clock.now());
         let stats = &mut books.stats;
         let by_key = match stats.by_key.get_mut(key) {
             Some(by_key) => by_key,

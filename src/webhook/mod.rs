@@ -352,6 +352,80 @@ mod tests {
     }
 
     #[test]
+    fn the_proxy_annotation_adds_a_native_sidecar_once() {
+        let mut original = pod("import");
+        original["metadata"]["annotations"] = json!({"saleslayer.io/proxy": "true"});
+        original["spec"]["initContainers"] = json!([{"name": "migrate", "image": "y"}]);
+        let (_, first) = answer(&review_of(original.clone()));
+        assert_eq!(first["response"]["allowed"], true, "{first}");
+        let injected = patched(&original, &first);
+        let init = &injected["spec"]["initContainers"];
+        let sidecar = &init[0];
+        assert_eq!(sidecar["name"], "saleslayer-proxy");
+        assert_eq!(sidecar["restartPolicy"], "Always");
+        assert_eq!(sidecar["image"], "saleslayer-operator:test");
+        assert_eq!(sidecar["args"], json!(["proxy"]));
+        assert_eq!(sidecar["securityContext"]["readOnlyRootFilesystem"], true);
+        assert_eq!(init[1]["name"], "migrate");
+        let has = |container: &serde_json::Value, var: serde_json::Value| {
+            container["env"]
+                .as_array()
+                .is_some_and(|e| e.contains(&var))
+        };
+        assert!(has(
+            sidecar,
+            json!({"name": "SALESLAYER_UPSTREAM", "value": "https://api.saleslayer.com"})
+        ));
+        assert!(has(
+            sidecar,
+            json!({"name": "SALESLAYER_RATE_REQUESTS", "value": "30"})
+        ));
+        assert!(has(
+            sidecar,
+            json!({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
+        ));
+        assert!(!has(
+            sidecar,
+            json!({"name": "SALESLAYER_API_URL", "value": "http://127.0.0.1:8787"})
+        ));
+        for app in [&injected["spec"]["containers"][0], &init[1]] {
+            assert!(
+                has(
+                    app,
+                    json!({"name": "SALESLAYER_API_URL", "value": "http://127.0.0.1:8787"})
+                ),
+                "{app}"
+            );
+        }
+
+        let (_, second) = answer(&review_of(injected.clone()));
+        assert!(
+            second["response"].get("patch").is_none(),
+            "re-invocation patched again: {second}"
+        );
+
+        let (_, plain) = answer(&review_of(pod("import")));
+        let plain = patched(&pod("import"), &plain);
+        assert!(plain["spec"].get("initContainers").is_none(), "{plain}");
+        assert!(!has(
+            &plain["spec"]["containers"][0],
+            json!({"name": "SALESLAYER_API_URL", "value": "http://127.0.0.1:8787"})
+        ));
+
+        let mut wrong = pod("import");
+        wrong["metadata"]["annotations"] = json!({"saleslayer.io/proxy": "yes"});
+        let (_, refused) = answer(&review_of(wrong));
+        assert_eq!(refused["response"]["allowed"], false);
+        let message = refused["response"]["status"]["message"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(
+            message.contains("saleslayer.io/proxy") && message.contains("\"yes\""),
+            "{message}"
+        );
+    }
+
+    #[test]
     fn denials_name_what_is_missing_and_what_exists() {
         let (_, unknown_job) = answer(&review_of(pod("images")));
         assert_eq!(unknown_job["response"]["allowed"], false);

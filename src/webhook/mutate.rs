@@ -11,10 +11,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{
-    ConfigMapProjection, Container, DownwardAPIVolumeFile, DownwardAPIVolumeSource, EnvVar,
-    KeyToPath, ObjectFieldSelector, Pod, ProjectedVolumeSource, ServiceAccountTokenProjection,
-    Volume, VolumeMount, VolumeProjection,
+    Capabilities, ConfigMapProjection, Container, ContainerPort, DownwardAPIVolumeFile,
+    DownwardAPIVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector,
+    Pod, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecurityContext,
+    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse};
 use serde::Serialize;
 
@@ -29,6 +32,14 @@ pub const ANNOTATION_INJECTED: &str = "saleslayer.io/injected";
 pub const CA_CONFIGMAP: &str = "saleslayer-operator-ca";
 /// Audience of the projected service-account token the quota API accepts.
 pub const TOKEN_AUDIENCE: &str = "saleslayer-operator";
+/// Annotation asking for the pacing sidecar: `"true"` or `"false"`.
+pub const ANNOTATION_PROXY: &str = "saleslayer.io/proxy";
+/// Name of the injected sidecar (an init container with `restartPolicy: Always`).
+pub const PROXY_CONTAINER: &str = "saleslayer-proxy";
+/// Where the workload reaches the sidecar: `SALESLAYER_API_URL`.
+pub const PROXY_URL: &str = "http://127.0.0.1:8787";
+/// The sidecar's `/metrics` and `/healthz` port.
+pub const PROXY_METRICS_PORT: i32 = 8788;
 
 const LIMIT_VOLUME: &str = "saleslayer-limit";
 const LIMIT_DIR: &str = "/etc/saleslayer";
@@ -137,6 +148,7 @@ pub fn patch_for(
         )));
     };
     let share = LimitAnnotation::from(job.per_pod);
+    let proxy = wants_proxy(pod)?;
 
     let env = environment(
         &integration,
@@ -150,15 +162,29 @@ pub fn patch_for(
     let targets = targets(pod)?;
     let spec = mutated.spec.get_or_insert_with(Default::default);
     let mut injected = Vec::new();
+    let mut app_env = env.clone();
+    if proxy {
+        app_env.push(plain("SALESLAYER_API_URL", PROXY_URL.into()));
+    }
     for container in spec
         .init_containers
         .iter_mut()
         .flatten()
         .chain(spec.containers.iter_mut())
+        .filter(|c| c.name != PROXY_CONTAINER)
     {
         if targets.as_ref().is_none_or(|t| t.contains(&container.name)) {
-            inject_container(container, &env);
+            inject_container(container, &app_env);
             injected.push(container.name.clone());
+        }
+    }
+    if proxy {
+        let init = spec.init_containers.get_or_insert_with(Vec::new);
+        let sidecar = sidecar(&env, injection);
+        // First, so init containers after it can use it too; replaced in place when there.
+        match init.iter().position(|c| c.name == PROXY_CONTAINER) {
+            Some(index) => init[index] = sidecar,
+            None => init.insert(0, sidecar),
         }
     }
     let volumes = spec.volumes.get_or_insert_with(Vec::new);
@@ -168,6 +194,7 @@ pub fn patch_for(
     let record = InjectedRecord {
         containers: injected,
         volumes: [LIMIT_VOLUME, QUOTA_VOLUME],
+        proxy,
     };
     let annotations = mutated
         .metadata
@@ -189,6 +216,106 @@ pub fn patch_for(
 struct InjectedRecord {
     containers: Vec<String>,
     volumes: [&'static str; 2],
+    proxy: bool,
+}
+
+/// Whether the pod asks for the sidecar.
+fn wants_proxy(pod: &Pod) -> Result<bool, Denial> {
+    let value = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_PROXY));
+    match value.map(|v| v.trim()) {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err(Denial(format!(
+            "annotation {ANNOTATION_PROXY} is {other:?}; it must be \"true\" or \"false\""
+        ))),
+    }
+}
+
+fn plain(name: &str, value: String) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value),
+        value_from: None,
+    }
+}
+
+fn field(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                api_version: None,
+            }),
+            ..EnvVarSource::default()
+        }),
+    }
+}
+
+/// The pacing sidecar: the operator's image running `proxy`, a native
+/// sidecar (`restartPolicy: Always`) with the pod's env, its identity from
+/// the downward API, the same mounts, and the restricted security profile.
+/// Its startup probe holds the workload back until it listens.
+fn sidecar(env: &[EnvVar], injection: &Injection) -> Container {
+    let mut container = Container {
+        name: PROXY_CONTAINER.into(),
+        image: Some(injection.proxy_image.clone()),
+        args: Some(vec!["proxy".into()]),
+        restart_policy: Some("Always".into()),
+        ports: Some(vec![ContainerPort {
+            name: Some("proxy-metrics".into()),
+            container_port: PROXY_METRICS_PORT,
+            ..ContainerPort::default()
+        }]),
+        startup_probe: Some(Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/healthz".into()),
+                port: IntOrString::Int(PROXY_METRICS_PORT),
+                ..HTTPGetAction::default()
+            }),
+            period_seconds: Some(1),
+            failure_threshold: Some(30),
+            ..Probe::default()
+        }),
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".into(), Quantity("10m".into())),
+                ("memory".into(), Quantity("16Mi".into())),
+            ])),
+            limits: Some(BTreeMap::from([("memory".into(), Quantity("64Mi".into()))])),
+            ..ResourceRequirements::default()
+        }),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(65532),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                add: None,
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                localhost_profile: None,
+            }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    };
+    let mut vars = env.to_vec();
+    vars.push(plain(
+        "SALESLAYER_UPSTREAM",
+        injection.proxy_upstream.clone(),
+    ));
+    vars.push(field("POD_NAME", "metadata.name"));
+    vars.push(field("POD_NAMESPACE", "metadata.namespace"));
+    inject_container(&mut container, &vars);
+    container
 }
 
 fn list_or_none(names: &[String]) -> String {
@@ -283,11 +410,7 @@ fn environment(
     ];
     pairs
         .into_iter()
-        .map(|(name, value)| EnvVar {
-            name: name.into(),
-            value: Some(value),
-            value_from: None,
-        })
+        .map(|(name, value)| plain(name, value))
         .collect()
 }
 

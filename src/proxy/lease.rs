@@ -1,0 +1,197 @@
+//! Renewing the pod's lease: every `refreshMillis` the sidecar reports what it
+//! did since the last call and paces by the grant it gets back. When the
+//! quota API cannot be reached it keeps the last grant until that lease
+//! expires, then falls back to the limit file, then to its env share: never
+//! faster than it was told. A report that was not delivered rides with the
+//! next one.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use super::gate::Gate;
+use super::limits::parse_limit_file;
+use super::metrics::{OutcomeLabel, ProxyMetrics};
+use super::pacer::Limit;
+use crate::clock::Clock;
+use crate::quota::{GrantBody, LeaseBody, Usage};
+
+/// Who the sidecar reports for.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub namespace: String,
+    pub integration: String,
+    pub job: String,
+    pub pod: String,
+}
+
+/// How to reach the quota API.
+#[derive(Debug, Clone)]
+pub struct QuotaEndpoint {
+    /// `SALESLAYER_QUOTA_URL`, without `/v1/leases`.
+    pub url: String,
+    pub token_file: PathBuf,
+    /// The CA that signs the quota API's certificate; the system roots when absent.
+    pub ca_file: Option<PathBuf>,
+    pub identity: Identity,
+}
+
+/// How long to wait before the first renewal answers, and between attempts
+/// while the quota API is unreachable.
+const RETRY_UNREACHABLE: Duration = Duration::from_secs(2);
+/// Without a quota API, how often the limit file is read again.
+const FILE_EVERY: Duration = Duration::from_secs(2);
+/// One renewal may take this long.
+const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A renewal that did not give a grant.
+#[derive(Debug, thiserror::Error)]
+pub enum RenewError {
+    #[error("reading the token file: {0}")]
+    Token(std::io::Error),
+    #[error("the quota API is unreachable: {0}")]
+    Unreachable(reqwest::Error),
+    #[error("the quota API answered {status}: {body}")]
+    Refused { status: u16, body: String },
+    #[error("the quota API's answer is not a grant: {0}")]
+    Answer(reqwest::Error),
+}
+
+impl QuotaEndpoint {
+    /// An HTTPS client that trusts only the operator's CA (when given).
+    pub fn client(&self) -> Result<reqwest::Client, String> {
+        let mut builder = reqwest::Client::builder().timeout(CALL_TIMEOUT);
+        if let Some(path) = &self.ca_file {
+            let pem = std::fs::read(path)
+                .map_err(|e| format!("reading the CA file {}: {e}", path.display()))?;
+            let certificates = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| format!("the CA file {} holds no certificate: {e}", path.display()))?;
+            builder = builder.tls_certs_only(certificates);
+        }
+        builder
+            .build()
+            .map_err(|e| format!("building the quota API client: {e}"))
+    }
+
+    /// One renewal: report `usage`, get the grant.
+    pub async fn renew(
+        &self,
+        http: &reqwest::Client,
+        usage: Usage,
+    ) -> Result<GrantBody, RenewError> {
+        // Projected tokens rotate: read it every time.
+        let token = std::fs::read_to_string(&self.token_file).map_err(RenewError::Token)?;
+        let body = LeaseBody {
+            namespace: self.identity.namespace.clone(),
+            integration: self.identity.integration.clone(),
+            job: self.identity.job.clone(),
+            pod: self.identity.pod.clone(),
+            usage,
+        };
+        let url = format!("{}/v1/leases", self.url.trim_end_matches('/'));
+        let response = http
+            .post(url)
+            .bearer_auth(token.trim())
+            .json(&body)
+            .send()
+            .await
+            .map_err(RenewError::Unreachable)?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            return Err(RenewError::Refused {
+                status: status.as_u16(),
+                body: body.chars().take(300).collect(),
+            });
+        }
+        response.json().await.map_err(RenewError::Answer)
+    }
+}
+
+/// Keep the gate's grant current until `stop` resolves.
+pub async fn keep_current(
+    gate: Arc<Gate>,
+    endpoint: Option<QuotaEndpoint>,
+    limit_file: Option<PathBuf>,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<ProxyMetrics>,
+    stop: impl Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    let mut http: Option<reqwest::Client> = None;
+    let mut failing = false;
+    loop {
+        if let Some(path) = &limit_file {
+            gate.set_file(read_limit_file(path));
+        }
+        let next = match &endpoint {
+            None => FILE_EVERY,
+            Some(endpoint) => {
+                if http.is_none() {
+                    match endpoint.client() {
+                        Ok(client) => http = Some(client),
+                        Err(error) if !failing => {
+                            warn!(%error, "no quota API client yet; pacing by the limit file or env");
+                            failing = true;
+                        }
+                        Err(_) => {}
+                    }
+                }
+                match &http {
+                    None => RETRY_UNREACHABLE,
+                    Some(client) => {
+                        let usage = gate.take_usage();
+                        match endpoint.renew(client, usage.clone()).await {
+                            Ok(grant) => {
+                                gate.set_lease(
+                                    Limit {
+                                        requests: grant.requests,
+                                        period_millis: grant.period_millis,
+                                        max_concurrency: grant.max_concurrency,
+                                    },
+                                    Duration::from_millis(grant.ttl_millis),
+                                );
+                                count(&metrics, "ok");
+                                if failing {
+                                    info!("the quota API answers again");
+                                    failing = false;
+                                }
+                                Duration::from_millis(grant.refresh_millis.max(100))
+                            }
+                            Err(error) => {
+                                gate.restore_usage(usage);
+                                count(&metrics, "error");
+                                if !failing {
+                                    warn!(%error, "lease renewal failed; keeping the last grant until it expires, then the limit file, then the env share");
+                                    failing = true;
+                                }
+                                RETRY_UNREACHABLE
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            () = &mut stop => return,
+            () = clock.sleep(next) => {}
+        }
+    }
+}
+
+fn count(metrics: &ProxyMetrics, outcome: &str) {
+    metrics
+        .renewals
+        .get_or_create(&OutcomeLabel {
+            outcome: outcome.into(),
+        })
+        .inc();
+}
+
+/// The limit file, or `None` when it is missing, empty or not a limit.
+fn read_limit_file(path: &std::path::Path) -> Option<Limit> {
+    let text = std::fs::read_to_string(path).ok()?;
+    parse_limit_file(&text).ok().flatten()
+}
