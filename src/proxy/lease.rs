@@ -110,73 +110,100 @@ impl QuotaEndpoint {
     }
 }
 
-/// Keep the gate's grant current until `stop` resolves.
-pub async fn keep_current(
+/// Keeps one sidecar's grant current: one [`Renewer::step`] per refresh.
+#[derive(Debug)]
+pub struct Renewer {
     gate: Arc<Gate>,
     endpoint: Option<QuotaEndpoint>,
     limit_file: Option<PathBuf>,
-    clock: Arc<dyn Clock>,
     metrics: Arc<ProxyMetrics>,
-    stop: impl Future<Output = ()>,
-) {
-    tokio::pin!(stop);
-    let mut http: Option<reqwest::Client> = None;
-    let mut failing = false;
-    loop {
-        if let Some(path) = &limit_file {
-            gate.set_file(read_limit_file(path));
+    http: Option<reqwest::Client>,
+    failing: bool,
+}
+
+impl Renewer {
+    pub fn new(
+        gate: Arc<Gate>,
+        endpoint: Option<QuotaEndpoint>,
+        limit_file: Option<PathBuf>,
+        metrics: Arc<ProxyMetrics>,
+    ) -> Self {
+        Self {
+            gate,
+            endpoint,
+            limit_file,
+            metrics,
+            http: None,
+            failing: false,
         }
-        let next = match &endpoint {
-            None => FILE_EVERY,
-            Some(endpoint) => {
-                if http.is_none() {
-                    match endpoint.client() {
-                        Ok(client) => http = Some(client),
-                        Err(error) if !failing => {
-                            warn!(%error, "no quota API client yet; pacing by the limit file or env");
-                            failing = true;
-                        }
-                        Err(_) => {}
+    }
+
+    /// Read the limit file, renew the lease (reporting usage), and say how
+    /// long to wait before the next step.
+    pub async fn step(&mut self) -> Duration {
+        if let Some(path) = &self.limit_file {
+            self.gate.set_file(read_limit_file(path));
+        }
+        let Some(endpoint) = &self.endpoint else {
+            return FILE_EVERY;
+        };
+        if self.http.is_none() {
+            match endpoint.client() {
+                Ok(client) => self.http = Some(client),
+                Err(error) => {
+                    if !self.failing {
+                        warn!(%error, "no quota API client yet; pacing by the limit file or env");
+                        self.failing = true;
                     }
-                }
-                match &http {
-                    None => RETRY_UNREACHABLE,
-                    Some(client) => {
-                        let usage = gate.take_usage();
-                        match endpoint.renew(client, usage.clone()).await {
-                            Ok(grant) => {
-                                gate.set_lease(
-                                    Limit {
-                                        requests: grant.requests,
-                                        period_millis: grant.period_millis,
-                                        max_concurrency: grant.max_concurrency,
-                                    },
-                                    Duration::from_millis(grant.ttl_millis),
-                                );
-                                count(&metrics, "ok");
-                                if failing {
-                                    info!("the quota API answers again");
-                                    failing = false;
-                                }
-                                Duration::from_millis(grant.refresh_millis.max(100))
-                            }
-                            Err(error) => {
-                                gate.restore_usage(usage);
-                                count(&metrics, "error");
-                                if !failing {
-                                    warn!(%error, "lease renewal failed; keeping the last grant until it expires, then the limit file, then the env share");
-                                    failing = true;
-                                }
-                                RETRY_UNREACHABLE
-                            }
-                        }
-                    }
+                    return RETRY_UNREACHABLE;
                 }
             }
+        }
+        let Some(client) = &self.http else {
+            return RETRY_UNREACHABLE;
         };
-        tokio::select! {
-            () = &mut stop => return,
-            () = clock.sleep(next) => {}
+        let usage = self.gate.take_usage();
+        match endpoint.renew(client, usage.clone()).await {
+            Ok(grant) => {
+                self.gate.set_lease(
+                    Limit {
+                        requests: grant.requests,
+                        period_millis: grant.period_millis,
+                        max_concurrency: grant.max_concurrency,
+                    },
+                    Duration::from_millis(grant.ttl_millis),
+                );
+                count(&self.metrics, "ok");
+                if self.failing {
+                    info!("the quota API answers again");
+                    self.failing = false;
+                }
+                Duration::from_millis(grant.refresh_millis.max(100))
+            }
+            Err(error) => {
+                self.gate.restore_usage(usage);
+                count(&self.metrics, "error");
+                if !self.failing {
+                    warn!(%error, "lease renewal failed; keeping the last grant until it expires, then the limit file, then the env share");
+                    self.failing = true;
+                }
+                RETRY_UNREACHABLE
+            }
+        }
+    }
+
+    /// Step until `stop` resolves, sleeping on `clock` in between.
+    pub async fn run(mut self, clock: Arc<dyn Clock>, stop: impl Future<Output = ()>) {
+        tokio::pin!(stop);
+        loop {
+            let next = tokio::select! {
+                () = &mut stop => return,
+                next = self.step() => next,
+            };
+            tokio::select! {
+                () = &mut stop => return,
+                () = clock.sleep(next) => {}
+            }
         }
     }
 }

@@ -29,7 +29,7 @@ use tracing::info;
 use crate::cli::ProxyArgs;
 use crate::clock::{Clock, SystemClock};
 use gate::Gate;
-use lease::{Identity, QuotaEndpoint};
+use lease::{Identity, QuotaEndpoint, Renewer};
 use limits::Limits;
 use metrics::{CodeLabel, ProxyMetrics};
 use pacer::Limit;
@@ -349,14 +349,13 @@ pub async fn run(
             "no quota API, token file or pod identity: pacing by the limit file, else the env share"
         );
     }
-    tokio::spawn(lease::keep_current(
+    let renewer = Renewer::new(
         proxy.gate.clone(),
         config.quota.clone(),
         config.limit_file.clone(),
-        clock,
         proxy.metrics.clone(),
-        stopped(),
-    ));
+    );
+    tokio::spawn(renewer.run(clock, stopped()));
     let metrics_listener = tokio::net::TcpListener::bind(args.metrics_bind).await?;
     let metrics_app = metrics::router(proxy.metrics.clone(), proxy.gate.clone());
     let metrics_stop = stopped();
