@@ -61,6 +61,7 @@ pub struct ControllerMetrics {
     pub allocated: Family<JobLabels, Gauge>,
     pub pods: Family<JobLabels, Gauge>,
     pub persistent_throttling: Family<JobLabels, Gauge>,
+    pub overcommitted: Family<AccountLabels, Gauge>,
     pub reconciles: Counter,
     pub reconcile_errors: Family<OutcomeLabels, Counter>,
     pub reconcile_duration: Histogram,
@@ -101,6 +102,7 @@ impl Default for Metrics {
             allocated: Family::default(),
             pods: Family::default(),
             persistent_throttling: Family::default(),
+            overcommitted: Family::default(),
             reconciles: Counter::default(),
             reconcile_errors: Family::default(),
             reconcile_duration: latency(),
@@ -120,6 +122,11 @@ impl Default for Metrics {
             "persistent_throttling",
             "1 while a job is throttled persistently",
             controller.persistent_throttling.clone(),
+        );
+        registry.register(
+            "overcommitted",
+            "1 while the floors of an account's jobs exceed its usable budget",
+            controller.overcommitted.clone(),
         );
         registry.register(
             "reconciles",

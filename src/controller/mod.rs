@@ -474,12 +474,17 @@ fn record(
     status: &crate::api::SalesLayerIntegrationStatus,
 ) {
     let metrics = &ctx.metrics;
+    let account = AccountLabels {
+        account: account_plan.account.clone(),
+    };
     metrics
         .usable
-        .get_or_create(&AccountLabels {
-            account: account_plan.account.clone(),
-        })
+        .get_or_create(&account)
         .set(i64::from(account_plan.budget.requests));
+    metrics
+        .overcommitted
+        .get_or_create(&account)
+        .set(i64::from(account_plan.allocation.overcommit.is_some()));
     let threshold = integration.alerting.persistent_windows.max(1);
     for job in &status.jobs {
         let labels = JobLabels {
