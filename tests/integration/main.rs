@@ -2,6 +2,7 @@
 //! `tests/testenv/`, started per test by `saleslayer_operator::testenv`).
 //! One test binary, one module per part.
 
+mod chart;
 mod controller;
 mod crd;
 mod quota;

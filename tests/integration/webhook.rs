@@ -11,7 +11,8 @@ use saleslayer_operator::api::SalesLayerIntegration;
 
 use crate::support::{Env, eventually, labelled_pod};
 
-const INTEGRATION: &str = "apiVersion: saleslayer.io/v1alpha1
+/// The catalog integration with three jobs on acme-prod.
+pub const INTEGRATION: &str = "apiVersion: saleslayer.io/v1alpha1
 kind: SalesLayerIntegration
 metadata: {name: catalog, namespace: shop}
 spec:
