@@ -26,9 +26,10 @@ lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
-## Regenerate the committed CRD YAML from the Rust types.
+## Regenerate the committed CRD YAML from the Rust types (and the chart's copy).
 crds: build
 	target/debug/saleslayer-operator crd > crds/saleslayer.io_saleslayerintegrations.yaml
+	cp crds/saleslayer.io_saleslayerintegrations.yaml charts/saleslayer-operator/crds/
 
 ## A local control plane with the operator and the example integration;
 ## `make demo-down` stops it.
@@ -36,7 +37,7 @@ demo: testenv build
 	scripts/demo.sh
 
 demo-down:
-	@for part in operator testenv; do \
+	@for part in operator simulator testenv; do \
 	  if [ -f $(DEMO)/$$part.pid ]; then kill $$(cat $(DEMO)/$$part.pid) 2>/dev/null || true; rm -f $(DEMO)/$$part.pid; fi; \
 	done; echo "demo: stopped"
 
