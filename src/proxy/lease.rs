@@ -62,6 +62,7 @@ pub enum RenewError {
 impl QuotaEndpoint {
     /// An HTTPS client that trusts only the operator's CA (when given).
     pub fn client(&self) -> Result<reqwest::Client, String> {
+        super::ensure_tls_provider();
         let mut builder = reqwest::Client::builder().timeout(CALL_TIMEOUT);
         if let Some(path) = &self.ca_file {
             let pem = std::fs::read(path)

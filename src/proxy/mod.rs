@@ -158,6 +158,7 @@ impl Proxy {
         clock: Arc<dyn Clock>,
         rng: fastrand::Rng,
     ) -> Result<Arc<Self>, ConfigError> {
+        ensure_tls_provider();
         let http = reqwest::Client::builder()
             .timeout(config.upstream_timeout)
             .pool_max_idle_per_host(64)
@@ -266,6 +267,12 @@ impl Proxy {
             attempt += 1;
         }
     }
+}
+
+/// reqwest (built without a default provider) needs the process's rustls
+/// provider before a client is built; installing it twice is harmless.
+pub fn ensure_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// The caller's headers minus those of its hop (and `host`, which is the upstream's).

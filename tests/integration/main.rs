@@ -5,6 +5,7 @@
 mod chart;
 mod controller;
 mod crd;
+mod proxy;
 mod quota;
 mod smoke;
 mod support;

@@ -349,3 +349,54 @@ async fn certificate_files_replace_the_operators_own_ca() {
     .expect("read secret");
     assert!(secret.is_none());
 }
+
+/// `saleslayer.io/proxy: "true"`: the API server accepts the pod with the
+/// proxy as a native sidecar, and the workload is pointed at it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_annotation_gets_a_native_sidecar_the_api_server_accepts() {
+    let env = Env::with_operator().await;
+    env.namespace("shop").await;
+    ready(&env).await;
+    let pods = Api::<Pod>::namespaced(env.client.clone(), "shop");
+    let mut pod = labelled(Some("price-0"), None, "price-sync");
+    pod.metadata.annotations = Some(BTreeMap::from([(
+        "saleslayer.io/proxy".to_owned(),
+        "true".to_owned(),
+    )]));
+    let pod = pods
+        .create(&PostParams::default(), &pod)
+        .await
+        .expect("create pod");
+    let spec = pod.spec.as_ref().expect("spec");
+    let init = spec.init_containers.as_ref().expect("init containers");
+    let sidecar = &init[0];
+    assert_eq!(sidecar.name, "saleslayer-proxy");
+    assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
+    assert_eq!(sidecar.args, Some(vec!["proxy".to_owned()]));
+    let sidecar_env = env_of(sidecar);
+    assert_eq!(
+        sidecar_env.get("SALESLAYER_JOB").map(String::as_str),
+        Some("price-sync")
+    );
+    assert!(sidecar_env.contains_key("SALESLAYER_UPSTREAM"));
+    assert!(!sidecar_env.contains_key("SALESLAYER_API_URL"));
+    let main = env_of(&spec.containers[0]);
+    assert_eq!(
+        main.get("SALESLAYER_API_URL").map(String::as_str),
+        Some("http://127.0.0.1:8787")
+    );
+
+    let mut wrong = labelled(Some("price-1"), None, "price-sync");
+    wrong.metadata.annotations = Some(BTreeMap::from([(
+        "saleslayer.io/proxy".to_owned(),
+        "please".to_owned(),
+    )]));
+    let refused = pods
+        .create(&PostParams::default(), &wrong)
+        .await
+        .expect_err("a proxy annotation that is not true/false is refused");
+    assert!(
+        refused.to_string().contains("saleslayer.io/proxy"),
+        "{refused}"
+    );
+}

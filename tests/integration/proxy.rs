@@ -1,0 +1,320 @@
+//! The sidecar against the simulator, on a manual clock: the simulator and
+//! the proxy read the same clock, which moves only when the proxy waits, so
+//! every wait is recorded and asserted exactly and nothing sleeps for real.
+//! The last test takes leases from the real quota API on the testenv.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::Request;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::Api;
+use saleslayer_operator::clock::{Clock, ManualClock};
+use saleslayer_operator::proxy::lease::{Identity, QuotaEndpoint, Renewer};
+use saleslayer_operator::proxy::limits::Source;
+use saleslayer_operator::proxy::pacer::Limit;
+use saleslayer_operator::proxy::retry::RetryPolicy;
+use saleslayer_operator::proxy::{Proxy, ProxyConfig};
+use saleslayer_operator::simulator::{SimulatorConfig, router_with_clock};
+use serde_json::Value;
+
+use crate::support::{Env, eventually};
+
+const KEY: &str = "acme-key";
+
+/// The simulator on a loopback port, its window measured on `clock`.
+async fn simulator(clock: &ManualClock, requests: u32, period: Duration) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let app = router_with_clock(
+        SimulatorConfig { requests, period },
+        Arc::new(clock.clone()),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+fn config(upstream: &str, share: Limit, max_attempts: u32) -> ProxyConfig {
+    ProxyConfig {
+        upstream: upstream.to_owned(),
+        env_share: share,
+        policy: RetryPolicy {
+            max_attempts,
+            base_delay: Duration::from_millis(1_000),
+            max_delay: Duration::from_millis(8_000),
+        },
+        queue: 64,
+        upstream_timeout: Duration::from_secs(5),
+        limit_file: None,
+        quota: None,
+    }
+}
+
+fn share(requests: u32, period_millis: u64) -> Limit {
+    Limit {
+        requests,
+        period_millis,
+        max_concurrency: 4,
+    }
+}
+
+fn proxy(config: &ProxyConfig, clock: &ManualClock) -> Arc<Proxy> {
+    Proxy::new(config, Arc::new(clock.clone()), fastrand::Rng::with_seed(7)).expect("proxy")
+}
+
+/// One call through the proxy: status, `Retry-After`, JSON body.
+async fn call(proxy: &Proxy, path: &str, key: Option<&str>) -> (u16, Option<String>, Value) {
+    let mut request = Request::builder().uri(path);
+    if let Some(key) = key {
+        request = request.header("x-api-key", key);
+    }
+    let response = proxy
+        .forward(request.body(Body::empty()).expect("request"))
+        .await;
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .expect("body");
+    let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (status, retry_after, body)
+}
+
+async fn stats(upstream: &str) -> Value {
+    reqwest::get(format!("{upstream}/stats"))
+        .await
+        .expect("stats")
+        .json()
+        .await
+        .expect("stats JSON")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_request_waits_for_retry_after_then_succeeds() {
+    let clock = ManualClock::default();
+    let upstream = simulator(&clock, 2, Duration::from_secs(10)).await;
+    let proxy = proxy(&config(&upstream, share(100, 1_000), 4), &clock);
+    for page in 1..=3 {
+        let (status, _, body) = call(&proxy, &format!("/products?page={page}"), Some(KEY)).await;
+        assert_eq!(status, 200, "page {page}: {body}");
+        assert_eq!(body["page"], page);
+    }
+    // The third was throttled at t=0 with Retry-After 10: one wait of exactly
+    // that (the jitter draw for attempt 1 is below 1 s, so the floor wins).
+    assert_eq!(clock.sleeps(), vec![Duration::from_secs(10)]);
+    let seen = stats(&upstream).await;
+    assert_eq!(
+        (seen["accepted"].as_u64(), seen["throttled"].as_u64()),
+        (Some(3), Some(1))
+    );
+    let usage = proxy.gate.take_usage();
+    assert_eq!((usage.requests, usage.throttled, usage.retries), (4, 1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_errors_are_answered_once_and_never_retried() {
+    let clock = ManualClock::default();
+    let upstream = simulator(&clock, 50, Duration::from_secs(10)).await;
+    let proxy = proxy(&config(&upstream, share(100, 1_000), 4), &clock);
+    let (status, _, body) = call(&proxy, "/products?page=1", None).await;
+    assert_eq!(status, 401, "{body}");
+    let (status, _, body) = call(&proxy, "/products?page=abc", Some(KEY)).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, _, body) = call(&proxy, "/nowhere", Some(KEY)).await;
+    assert_eq!(status, 404, "{body}");
+    assert!(clock.sleeps().is_empty(), "waited: {:?}", clock.sleeps());
+    let seen = stats(&upstream).await;
+    assert_eq!(seen["unauthorized"], 1);
+    assert_eq!(seen["badRequest"], 1);
+    let usage = proxy.gate.take_usage();
+    assert_eq!((usage.requests, usage.retries), (3, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_answer_reaches_the_caller_when_attempts_run_out() {
+    let clock = ManualClock::default();
+    let upstream = simulator(&clock, 1, Duration::from_secs(30)).await;
+    let proxy = proxy(&config(&upstream, share(100, 1_000), 1), &clock);
+    assert_eq!(call(&proxy, "/products", Some(KEY)).await.0, 200);
+    let (status, retry_after, body) = call(&proxy, "/products", Some(KEY)).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(
+        retry_after.as_deref(),
+        Some("30"),
+        "the upstream's header passes through"
+    );
+    assert!(clock.sleeps().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_upstream_backs_off_with_full_jitter() {
+    let clock = ManualClock::default();
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = closed.local_addr().expect("address").port();
+    drop(closed);
+    let config = config(&format!("http://127.0.0.1:{port}"), share(100, 1_000), 4);
+    let proxy = proxy(&config, &clock);
+    let (status, _, body) = call(&proxy, "/products", Some(KEY)).await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["reason"], "UpstreamUnreachable");
+    // Three waits, each a draw of the same seeded generator times the ceiling 1, 2, 4 s.
+    let mut draws = fastrand::Rng::with_seed(7);
+    let expected: Vec<Duration> = (1..=3)
+        .map(|attempt| config.policy.backoff_ceiling(attempt).mul_f64(draws.f64()))
+        .collect();
+    assert_eq!(clock.sleeps(), expected);
+    for (wait, ceiling) in clock.sleeps().iter().zip([1, 2, 4]) {
+        assert!(*wait <= Duration::from_secs(ceiling));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pacing_keeps_a_strict_upstream_from_ever_throttling() {
+    let clock = ManualClock::default();
+    // The upstream allows exactly the grant: any window over it would be a 429.
+    let upstream = simulator(&clock, 5, Duration::from_secs(1)).await;
+    let proxy = proxy(&config(&upstream, share(5, 1_000), 1), &clock);
+    for page in 0..40 {
+        let (status, _, body) = call(&proxy, &format!("/products?page={page}"), Some(KEY)).await;
+        assert_eq!(status, 200, "request {page}: {body}");
+        assert!(proxy.gate.sent_in_window() <= 5);
+    }
+    let seen = stats(&upstream).await;
+    assert_eq!(
+        (seen["accepted"].as_u64(), seen["throttled"].as_u64()),
+        (Some(40), Some(0))
+    );
+    // 5 at once, then 5 per second: the 40th goes at 7 s, not before.
+    assert_eq!(clock.now(), Duration::from_secs(7));
+}
+
+/// Leases from the real quota API; when it goes away the sidecar keeps the
+/// grant until the lease expires, then paces by the limit file, then by the
+/// env share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_pace_and_fall_back_to_the_file_then_the_env_when_the_quota_api_goes() {
+    let mut env = Env::with_operator().await;
+    env.namespace("shop").await;
+    let (ok, out) = env.kubectl_apply(
+        "apiVersion: saleslayer.io/v1alpha1
+kind: SalesLayerIntegration
+metadata: {name: catalog, namespace: shop}
+spec:
+  account: acme-prod
+  jobs:
+  - {name: import}
+",
+    );
+    assert!(ok, "{out}");
+    let pod = env.pod("shop", "import-0", "catalog", "import").await;
+    let ca = eventually("CA ConfigMap", || async {
+        Api::<ConfigMap>::namespaced(env.client.clone(), "shop")
+            .get("saleslayer-operator-ca")
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|m| {
+                m.data
+                    .and_then(|d| d.get("ca.crt").cloned())
+                    .ok_or_else(|| "no ca.crt".into())
+            })
+    })
+    .await;
+    let token = saleslayer_operator::testenv::pod_token(&env.client, &pod, 600)
+        .await
+        .expect("token request")
+        .expect("a token");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write = |name: &str, text: &str| -> PathBuf {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        path
+    };
+    let endpoint = QuotaEndpoint {
+        url: format!("https://127.0.0.1:{}", env.quota_port),
+        token_file: write("token", &token),
+        ca_file: Some(write("ca.crt", &ca)),
+        identity: Identity {
+            namespace: "shop".into(),
+            integration: "catalog".into(),
+            job: "import".into(),
+            pod: "import-0".into(),
+        },
+    };
+    let limit_file = write(
+        "limit",
+        r#"{"requests":7,"periodMillis":10000,"maxConcurrency":1}"#,
+    );
+    let clock = ManualClock::default();
+    let mut config = config("http://127.0.0.1:9", share(2, 10_000), 1);
+    config.quota = Some(endpoint.clone());
+    config.limit_file = Some(limit_file.clone());
+    let proxy = proxy(&config, &clock);
+    let mut renewer = Renewer::new(
+        proxy.gate.clone(),
+        config.quota.clone(),
+        config.limit_file.clone(),
+        proxy.metrics.clone(),
+    );
+
+    // The whole usable budget (40 of 50/10 s) for the only pod of the only job.
+    let leased = step_until(
+        &mut renewer,
+        "a lease of 40",
+        |proxy_now, _| proxy_now.source == Source::Lease && proxy_now.limit.requests == 40,
+        &proxy,
+    )
+    .await;
+    assert_eq!(leased.limit.period_millis, 10_000);
+
+    // The quota API goes away: the lease holds until its TTL (15 s) ends.
+    env.stop_operator();
+    step_until(
+        &mut renewer,
+        "a failed renewal",
+        |_, metrics| metrics.contains(r#"saleslayer_proxy_lease_renewals_total{outcome="error"}"#),
+        &proxy,
+    )
+    .await;
+    assert_eq!(proxy.gate.snapshot().source, Source::Lease);
+    clock.advance(Duration::from_secs(15));
+    let now = proxy.gate.snapshot();
+    assert_eq!((now.source, now.limit.requests), (Source::File, 7));
+
+    // Without the file, the env share.
+    std::fs::remove_file(&limit_file).expect("remove");
+    renewer.step().await;
+    let now = proxy.gate.snapshot();
+    assert_eq!((now.source, now.limit.requests), (Source::Env, 2));
+}
+
+/// Renew until `done` holds for the gate and the metrics text, or panic after 30 s.
+async fn step_until(
+    renewer: &mut Renewer,
+    what: &str,
+    done: impl Fn(&saleslayer_operator::proxy::gate::Snapshot, &str) -> bool,
+    proxy: &Proxy,
+) -> saleslayer_operator::proxy::gate::Snapshot {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        renewer.step().await;
+        let now = proxy.gate.snapshot();
+        let metrics = proxy.metrics.encode(&proxy.gate);
+        if done(&now, &metrics) {
+            return now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not seen within 30 s; last: {now:?}\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
