@@ -70,6 +70,13 @@ pub struct RunArgs {
     /// Elect a leader among replicas (default: on in a cluster, off outside).
     #[arg(long, env = "SALESLAYER_LEADER_ELECT")]
     pub leader_elect: Option<bool>,
+    /// Name of the coordination.k8s.io Lease the replicas elect a leader on (in --namespace).
+    #[arg(
+        long,
+        env = "SALESLAYER_LEASE_NAME",
+        default_value = "saleslayer-operator"
+    )]
+    pub lease_name: String,
     /// Image of the sidecar injected into pods annotated `saleslayer.io/proxy: "true"`
     /// (the operator's own image: it runs `saleslayer-operator proxy`).
     #[arg(

@@ -17,6 +17,7 @@ pub mod certs;
 pub mod cli;
 pub mod clock;
 pub mod controller;
+pub mod leader;
 pub mod metrics;
 pub mod operator;
 pub mod proxy;

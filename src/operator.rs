@@ -1,6 +1,8 @@
-//! `saleslayer-operator run`: wires the parts together — certificates, the
-//! controller and its stores, the admission webhook — and keeps running
-//! whatever a part cannot do yet, saying so in a warning.
+//! `saleslayer-operator run`: wires the parts together — certificates, leader
+//! election, the controller and its stores, the admission webhook, the quota
+//! API — and keeps running whatever a part cannot do yet, saying so in a
+//! warning. Every replica watches and serves the webhook; only the leader
+//! writes and answers the quota API.
 //!
 //! Data enters through the Kubernetes client and the webhook's HTTPS port;
 //! nothing here decides allocations (that is `controller::plan` and
@@ -18,6 +20,7 @@ use tracing::{info, warn};
 use crate::certs::{self, Authority};
 use crate::cli::RunArgs;
 use crate::controller;
+use crate::leader;
 use crate::metrics::Metrics;
 use crate::quota::{self, Quota, auth::Authenticator, throttle::ThrottleBook};
 use crate::webhook::{self, mutate::Injection};
@@ -83,7 +86,17 @@ pub async fn run(
     .await
     .map_err(Error::Tls)?;
 
-    let metrics = Arc::new(Metrics::default());
+    let mut metrics = Metrics::default();
+    let leader_gauge = leader::register(&mut metrics.registry);
+    let metrics = Arc::new(metrics);
+    let election = leader::Election::from_env(&args.lease_name, &namespace);
+    let (leadership, election) = leader::start(
+        client.clone(),
+        election,
+        leader_elect(&args),
+        leader_gauge,
+        stopped(),
+    );
     let metrics_server = tokio::spawn(crate::metrics::serve(
         args.metrics_bind,
         metrics.clone(),
@@ -98,6 +111,7 @@ pub async fn run(
         changed: changed_rx,
         metrics: metrics.controller.clone(),
         demand: Arc::default(),
+        leadership: leadership.clone(),
     };
     let (stores, controller) = controller::controller(client.clone(), shared, stopped());
     let controller = tokio::spawn(controller);
@@ -109,13 +123,16 @@ pub async fn run(
         proxy_image: args.proxy_image.clone(),
         proxy_upstream: args.proxy_upstream.clone(),
     };
-    let quota = Arc::new(Quota::new(
-        stores.clone(),
-        Authenticator::new(client.clone()),
-        throttling,
-        changed_tx,
-        metrics.quota.clone(),
-    ));
+    let quota = Arc::new(
+        Quota::new(
+            stores.clone(),
+            Authenticator::new(client.clone()),
+            throttling,
+            changed_tx,
+            metrics.quota.clone(),
+        )
+        .with_leadership(leadership),
+    );
     let quota_server = tokio::spawn(webhook::serve(
         args.quota_bind,
         tls.clone(),
@@ -169,12 +186,23 @@ pub async fn run(
         Err(error) => warn!(%error, "the quota API task failed"),
     }
     let _ = controller.await;
+    // Hands the Lease over and removes the pod's leader label.
+    let _ = election.await;
     match metrics_server.await {
         Ok(Ok(())) => {}
         Ok(Err(error)) => warn!(%error, bind = %args.metrics_bind, "/metrics could not be served"),
         Err(error) => warn!(%error, "the metrics task failed"),
     }
     Ok(())
+}
+
+/// `--leader-elect`, else on in a cluster (a service host and no kubeconfig).
+fn leader_elect(args: &RunArgs) -> bool {
+    args.leader_elect.unwrap_or_else(|| {
+        std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+            && args.kubeconfig.is_none()
+            && std::env::var_os("KUBECONFIG").is_none()
+    })
 }
 
 /// The quota API's URL as pods should see it.

@@ -1,11 +1,12 @@
 //! The controller's writes: pod annotations, the CA ConfigMap and status,
 //! each through server-side apply under [`FIELD_MANAGER`]. Only the
-//! reconcile calls these, after planning.
+//! reconcile calls these, after planning, and each checks that this replica
+//! still leads right before it writes.
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::ObjectRef;
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
 use super::{Context, Error, FIELD_MANAGER, plan};
@@ -46,6 +47,7 @@ pub(super) async fn annotate_pods(
     }
     let pods = Api::<Pod>::namespaced(ctx.client.clone(), &integration.namespace);
     for (name, wanted) in writes {
+        ctx.fence()?;
         let patch = json!({
             "apiVersion": "v1",
             "kind": "Pod",
@@ -83,6 +85,7 @@ pub(super) async fn publish_ca(ctx: &Context, namespace: &str) -> Result<(), Err
     {
         return Ok(());
     }
+    ctx.fence()?;
     let map = json!({
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -104,10 +107,11 @@ pub(super) async fn publish_ca(ctx: &Context, namespace: &str) -> Result<(), Err
 }
 
 pub(super) async fn patch_status(
-    client: &Client,
+    ctx: &Context,
     sli: &SalesLayerIntegration,
     status: &crate::api::SalesLayerIntegrationStatus,
 ) -> Result<(), Error> {
+    ctx.fence()?;
     let namespace = sli.namespace().unwrap_or_default();
     let name = sli.name_any();
     let patch = json!({
@@ -115,7 +119,7 @@ pub(super) async fn patch_status(
         "kind": SalesLayerIntegration::kind(&()),
         "status": status,
     });
-    Api::<SalesLayerIntegration>::namespaced(client.clone(), &namespace)
+    Api::<SalesLayerIntegration>::namespaced(ctx.client.clone(), &namespace)
         .patch_status(
             &name,
             &PatchParams::apply(FIELD_MANAGER).force(),

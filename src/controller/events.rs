@@ -74,6 +74,9 @@ async fn emit(
     reason: &str,
     note: String,
 ) {
+    if ctx.fence().is_err() {
+        return;
+    }
     let event = Event {
         type_,
         reason: reason.into(),

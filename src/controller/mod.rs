@@ -13,6 +13,11 @@
 //! A change to any integration or pod re-queues every integration of its
 //! account, so siblings converge too. Nothing read from the cluster can
 //! crash the process: errors requeue with backoff and show in `Ready`.
+//!
+//! Only the leader writes (`leader`): a follower's watches keep the stores
+//! warm for its webhook, its reconciles write nothing, and every write checks
+//! the role again just before it goes out. A replica that becomes leader
+//! forgets what it had published and reconciles every integration.
 
 mod apply;
 mod events;
@@ -38,6 +43,7 @@ use tracing::{Instrument, info, warn};
 
 use crate::allocation::JobKey;
 use crate::api::{ANNOTATION_LIMIT, LABEL_INTEGRATION, LABEL_JOB, SalesLayerIntegration};
+use crate::leader::{Leadership, Role};
 use crate::metrics::{AccountLabels, ControllerMetrics, JobLabels, OutcomeLabels};
 use crate::quota::demand::DemandBook;
 use crate::quota::throttle::ThrottleBook;
@@ -62,6 +68,8 @@ pub enum Error {
     AnnotatePod(String, #[source] kube::Error),
     #[error("publishing the CA ConfigMap in namespace {0}: {1}")]
     PublishCa(String, #[source] kube::Error),
+    #[error("this replica stopped leading; the new leader writes")]
+    NotLeader,
 }
 
 impl Error {
@@ -71,6 +79,7 @@ impl Error {
             Error::PatchStatus(..) => "PatchStatus",
             Error::AnnotatePod(..) => "AnnotatePod",
             Error::PublishCa(..) => "PublishCa",
+            Error::NotLeader => "NotLeader",
         }
     }
 }
@@ -189,6 +198,20 @@ struct Context {
     metrics: ControllerMetrics,
     /// The window of each integration's last status write.
     status_windows: Mutex<HashMap<ObjectRef<SalesLayerIntegration>, u64>>,
+    /// Whether this replica may write.
+    leadership: Leadership,
+}
+
+impl Context {
+    /// Checked right before every write: a replica that stopped leading
+    /// must not write, even in a reconcile that started while it led.
+    fn fence(&self) -> Result<(), Error> {
+        if self.leadership.is_leader() {
+            Ok(())
+        } else {
+            Err(Error::NotLeader)
+        }
+    }
 }
 
 /// What the controller shares with the rest of the operator.
@@ -203,6 +226,8 @@ pub struct Shared {
     pub metrics: ControllerMetrics,
     /// What jobs want, filled by the quota API.
     pub demand: Arc<RwLock<DemandBook>>,
+    /// Whether this replica may write.
+    pub leadership: Leadership,
 }
 
 impl Shared {
@@ -215,6 +240,7 @@ impl Shared {
             changed,
             metrics: crate::metrics::Metrics::default().controller,
             demand: Arc::default(),
+            leadership: Leadership::always(),
         }
     }
 }
@@ -303,7 +329,9 @@ pub fn controller(
         http: reqwest::Client::new(),
         metrics: shared.metrics,
         status_windows: Mutex::default(),
+        leadership: shared.leadership,
     });
+    let elected = on_each_term(context.clone());
 
     let running = Controller::for_stream(sli_stream, sli_reader)
         .with_config(ControllerConfig::default().debounce(Duration::from_millis(50)))
@@ -318,8 +346,11 @@ pub fn controller(
             pod_stores.siblings_of(&namespace, &integration)
         })
         .reconcile_on(futures::stream::select(
-            tokio_stream_from(sibling_rx),
-            tokio_stream_from(shared.changed),
+            futures::stream::select(
+                tokio_stream_from(sibling_rx),
+                tokio_stream_from(shared.changed),
+            ),
+            elected,
         ))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, context)
@@ -362,6 +393,51 @@ fn with_account_siblings(
     })
 }
 
+/// Every integration, each time this replica becomes leader, after it
+/// forgot what it had published: it may have missed anything meanwhile.
+fn on_each_term(
+    ctx: Arc<Context>,
+) -> impl Stream<Item = ObjectRef<SalesLayerIntegration>> + Send + 'static {
+    let changes = ctx.leadership.changes();
+    futures::stream::unfold(
+        (changes, None::<u64>),
+        move |(mut changes, mut last_term)| {
+            let ctx = ctx.clone();
+            async move {
+                loop {
+                    let role = *changes.borrow_and_update();
+                    if let Role::Leader { term, .. } = role
+                        && last_term != Some(term)
+                    {
+                        last_term = Some(term);
+                        if let Ok(mut done) = ctx.ca_published.lock() {
+                            done.clear();
+                        }
+                        if let Ok(mut windows) = ctx.status_windows.lock() {
+                            windows.clear();
+                        }
+                        let all: Vec<_> = ctx
+                            .stores
+                            .integrations
+                            .state()
+                            .iter()
+                            .map(|sli| ObjectRef::from_obj(sli.as_ref()))
+                            .collect();
+                        info!(
+                            integrations = all.len(),
+                            term, "leading: reconciling every integration"
+                        );
+                        return Some((futures::stream::iter(all), (changes, last_term)));
+                    }
+                    // A closed channel means the role never changes again.
+                    changes.changed().await.ok()?;
+                }
+            }
+        },
+    )
+    .flatten()
+}
+
 fn tokio_stream_from<T: Send + 'static>(
     mut rx: mpsc::UnboundedReceiver<T>,
 ) -> impl Stream<Item = T> + Send + 'static {
@@ -369,6 +445,10 @@ fn tokio_stream_from<T: Send + 'static>(
 }
 
 async fn reconcile(sli: Arc<SalesLayerIntegration>, ctx: Arc<Context>) -> Result<Action, Error> {
+    // A follower writes nothing; it is queued again when it becomes leader.
+    if !ctx.leadership.is_leader() {
+        return Ok(Action::await_change());
+    }
     // Planning with a half-listed pod store would write 0-pod statuses.
     if !ctx.stores.pods_listed() {
         return Ok(Action::requeue(Duration::from_millis(200)));
@@ -399,7 +479,7 @@ async fn reconcile_inner(sli: Arc<SalesLayerIntegration>, ctx: &Context) -> Resu
             warn!(%message, "invalid spec");
             let status =
                 plan::not_ready_status(&sli, plan::conditions::REASON_INVALID_SPEC, message, now);
-            patch_status(&ctx.client, &sli, &status).await?;
+            patch_status(ctx, &sli, &status).await?;
             return Ok(Action::requeue(RESYNC));
         }
     };
@@ -416,7 +496,7 @@ async fn reconcile_inner(sli: Arc<SalesLayerIntegration>, ctx: &Context) -> Resu
     if let Err(error) = applied {
         // Say so in the status (best effort), then retry with backoff.
         let status = plan::not_ready_status(&sli, error.reason(), error.to_string(), now);
-        if let Err(status_error) = patch_status(&ctx.client, &sli, &status).await {
+        if let Err(status_error) = patch_status(ctx, &sli, &status).await {
             warn!(%status_error, "could not record the failure in the status either");
         }
         return Err(error);
@@ -446,12 +526,13 @@ async fn reconcile_inner(sli: Arc<SalesLayerIntegration>, ctx: &Context) -> Resu
         return Ok(Action::requeue(Duration::from_millis(next - now_ms + 50)));
     }
     if previous.is_none_or(|p| !same_status(p, &status)) {
+        ctx.fence()?;
         if let Ok(mut windows) = ctx.status_windows.lock() {
             windows.insert(me, window);
         }
         publish_changes(ctx, &sli, previous, &status, &account_plan).await;
         alert_on_change(ctx, &sli, &integration, previous, &status, &throttling).await;
-        patch_status(&ctx.client, &sli, &status).await?;
+        patch_status(ctx, &sli, &status).await?;
         info!(
             allocations = ?status.jobs.iter().map(|j| (&j.name, j.allocated_requests, j.pods)).collect::<Vec<_>>(),
             "status updated"
@@ -571,6 +652,10 @@ fn same_status(
 }
 
 fn error_policy(sli: Arc<SalesLayerIntegration>, error: &Error, ctx: Arc<Context>) -> Action {
+    if matches!(error, Error::NotLeader) {
+        // Not a failure: leadership moved mid-reconcile.
+        return Action::await_change();
+    }
     ctx.metrics
         .reconcile_errors
         .get_or_create(&OutcomeLabels {

@@ -10,13 +10,15 @@
 //! pod, the pod must be the one in the body and carry that integration's and
 //! job's labels (read from the controller's store, not from the body). The
 //! books are pure (`book`, `throttle`); this module does the I/O around them.
+//! Only the leader answers (a follower says 503 `NotLeader`), and each new
+//! leadership term starts with fresh books, as after a restart.
 
 pub mod auth;
 pub mod book;
 pub mod demand;
 pub mod throttle;
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
@@ -34,6 +36,7 @@ use tokio::sync::mpsc;
 use crate::allocation::JobKey;
 use crate::api::{LABEL_INTEGRATION, LABEL_JOB, SalesLayerIntegration};
 use crate::controller::{Stores, plan};
+use crate::leader::{Leadership, Role};
 use crate::metrics::{CodeLabels, JobLabels, OutcomeLabels, QuotaMetrics};
 use auth::{Authenticator, Identity};
 use book::{LeaseBook, LeaseRequest};
@@ -120,7 +123,9 @@ impl IntoResponse for Refusal {
 pub struct Quota {
     stores: Stores,
     auth: Authenticator,
-    leases: Mutex<LeaseBook>,
+    leases: Mutex<TermBook>,
+    /// Only the leader answers; a new term starts the books afresh.
+    leadership: Leadership,
     /// Throttled responses per job and window; read by the controller.
     pub throttling: Arc<Mutex<ThrottleBook>>,
     /// Integrations whose throttling changed, for the controller to reconcile.
@@ -139,15 +144,50 @@ impl Quota {
         Self {
             stores,
             auth,
-            leases: Mutex::new(LeaseBook::new(
-                now_millis(),
-                millis(LEASE_TTL),
-                millis(LEASE_REFRESH),
-            )),
+            leases: Mutex::new(TermBook {
+                term: None,
+                book: LeaseBook::new(now_millis(), millis(LEASE_TTL), millis(LEASE_REFRESH)),
+            }),
+            leadership: Leadership::always(),
             throttling,
             changed,
             metrics,
         }
+    }
+
+    /// Answer only while `leadership` says this replica leads.
+    pub fn with_leadership(self, leadership: Leadership) -> Self {
+        Self { leadership, ..self }
+    }
+
+    /// The current term, or 503 `NotLeader` on a follower.
+    fn leading(&self) -> Result<(u64, u64), Refusal> {
+        match self.leadership.role() {
+            Role::Leader { term, since_millis } => Ok((term, since_millis)),
+            Role::Follower => Err(Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "NotLeader",
+                "this replica is not the leader; the quota Service routes to the leader, try again shortly",
+            )),
+        }
+    }
+
+    /// The lease book of the current term: a replica that becomes leader
+    /// starts empty books, as after a restart (grants capped at the static
+    /// shares for one TTL from the moment it took over).
+    fn books(&self, term: u64, since_millis: u64) -> Result<MutexGuard<'_, TermBook>, Refusal> {
+        let mut books = self.leases.lock().map_err(|_| internal())?;
+        if books.term != Some(term) {
+            books.term = Some(term);
+            books.book = LeaseBook::new(since_millis, millis(LEASE_TTL), millis(LEASE_REFRESH));
+            if let Ok(mut throttling) = self.throttling.lock() {
+                *throttling = ThrottleBook::default();
+            }
+            if let Ok(mut demand) = self.stores.demand.write() {
+                *demand = demand::DemandBook::default();
+            }
+        }
+        Ok(books)
     }
 
     /// Handle one call: authenticate, check identity, record, grant.
@@ -156,6 +196,8 @@ impl Quota {
         headers: &HeaderMap,
         body: Result<Bytes, BytesRejection>,
     ) -> Result<GrantBody, Refusal> {
+        // Before anything costly (a TokenReview): followers do not answer.
+        self.leading()?;
         let token = auth::bearer(headers).ok_or_else(|| {
             Refusal::new(StatusCode::UNAUTHORIZED, "NoToken", "an Authorization: Bearer token is required (the pod's projected service-account token)")
         })?;
@@ -199,6 +241,9 @@ impl Quota {
         report: &LeaseBody,
         now: u64,
     ) -> Result<GrantBody, Refusal> {
+        let (term, since_millis) = self.leading()?;
+        // Start the term's books before the report touches them.
+        drop(self.books(term, since_millis)?);
         if identity.namespace != report.namespace || identity.pod != report.pod {
             return Err(Refusal::new(
                 StatusCode::FORBIDDEN,
@@ -304,11 +349,7 @@ impl Quota {
             max_concurrency: job_max_concurrency,
             static_share: job.per_pod,
         };
-        let grant = self
-            .leases
-            .lock()
-            .map_err(|_| internal())?
-            .lease(now, &request);
+        let grant = self.books(term, since_millis)?.book.lease(now, &request);
         self.record(report);
         Ok(GrantBody {
             requests: grant.share.requests,
@@ -397,7 +438,7 @@ impl Quota {
     /// Drop the lease of a pod that went away.
     pub fn release(&self, job: &JobKey, pod: &str) {
         if let Ok(mut leases) = self.leases.lock() {
-            leases.release(job, pod);
+            leases.book.release(job, pod);
         }
     }
 
@@ -405,9 +446,15 @@ impl Quota {
     pub fn live_leases(&self) -> usize {
         self.leases
             .lock()
-            .map(|l| l.live_leases(now_millis()))
+            .map(|l| l.book.live_leases(now_millis()))
             .unwrap_or(0)
     }
+}
+
+/// The lease book and the leadership term it belongs to.
+struct TermBook {
+    term: Option<u64>,
+    book: LeaseBook,
 }
 
 fn internal() -> Refusal {

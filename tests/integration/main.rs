@@ -5,6 +5,7 @@
 mod chart;
 mod controller;
 mod crd;
+mod leader;
 mod proxy;
 mod quota;
 mod smoke;
