@@ -9,8 +9,6 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::Request;
-use k8s_openapi::api::core::v1::ConfigMap;
-use kube::Api;
 use saleslayer_operator::clock::{Clock, ManualClock};
 use saleslayer_operator::proxy::lease::{Identity, QuotaEndpoint, Renewer};
 use saleslayer_operator::proxy::limits::Source;
@@ -20,7 +18,7 @@ use saleslayer_operator::proxy::{Proxy, ProxyConfig};
 use saleslayer_operator::simulator::{SimulatorConfig, router_with_clock};
 use serde_json::Value;
 
-use crate::support::{Env, eventually};
+use crate::support::Env;
 
 const KEY: &str = "acme-key";
 
@@ -216,18 +214,7 @@ spec:
     );
     assert!(ok, "{out}");
     let pod = env.pod("shop", "import-0", "catalog", "import").await;
-    let ca = eventually("CA ConfigMap", || async {
-        Api::<ConfigMap>::namespaced(env.client.clone(), "shop")
-            .get("saleslayer-operator-ca")
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|m| {
-                m.data
-                    .and_then(|d| d.get("ca.crt").cloned())
-                    .ok_or_else(|| "no ca.crt".into())
-            })
-    })
-    .await;
+    let ca = env.ca_pem("shop").await;
     let token = saleslayer_operator::testenv::pod_token(&env.client, &pod, 600)
         .await
         .expect("token request")

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use axum::Json;
 use axum::routing::post;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use saleslayer_operator::api::SalesLayerIntegration;
 use serde_json::{Value, json};
@@ -105,18 +105,7 @@ async fn setup() -> (Env, Quota, Arc<Mutex<Vec<Value>>>) {
 
     let (ok, out) = env.kubectl_apply(INTEGRATION);
     assert!(ok, "{out}");
-    let ca = eventually("CA ConfigMap", || async {
-        Api::<ConfigMap>::namespaced(env.client.clone(), "shop")
-            .get("saleslayer-operator-ca")
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|m| {
-                m.data
-                    .and_then(|d| d.get("ca.crt").cloned())
-                    .ok_or_else(|| "no ca.crt".into())
-            })
-    })
-    .await;
+    let ca = env.ca_pem("shop").await;
     let http = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).expect("CA PEM"))
         .build()

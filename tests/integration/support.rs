@@ -5,7 +5,7 @@ use std::future::Future;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::PostParams;
 use kube::{Api, Client};
 pub use saleslayer_operator::testenv::{ControlPlane, free_port, labelled_pod};
@@ -125,6 +125,23 @@ impl Env {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+
+    /// The operator's CA as published in `namespace` (waits until it is).
+    pub async fn ca_pem(&self, namespace: &str) -> String {
+        let configmaps = Api::<ConfigMap>::namespaced(self.client.clone(), namespace);
+        eventually("the CA ConfigMap", || async {
+            configmaps
+                .get("saleslayer-operator-ca")
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|m| {
+                    m.data
+                        .and_then(|d| d.get("ca.crt").cloned())
+                        .ok_or_else(|| "no ca.crt".into())
+                })
+        })
+        .await
     }
 
     pub async fn namespace(&self, name: &str) {

@@ -150,18 +150,7 @@ async fn pods_get_their_share_injected() {
     assert!(annotations["saleslayer.io/injected"].contains("\"sidecar\""));
 
     // The CA the pods trust is published in their namespace.
-    eventually("CA ConfigMap", || async {
-        Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(env.client.clone(), "shop")
-            .get("saleslayer-operator-ca")
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|m| {
-                m.data
-                    .and_then(|d| d.get("ca.crt").cloned())
-                    .ok_or_else(|| "no ca.crt".into())
-            })
-    })
-    .await;
+    env.ca_pem("shop").await;
 
     // A pod made by a Job (generateName, no name yet) is injected; the second
     // pod of the job halves the share at admission.
