@@ -185,7 +185,7 @@ impl LeaseBook {
 
     /// Renews (or opens) the lease of `request.pod` at `now_millis` and returns its grant.
     ///
-    /// The grant is the pod's target, [`pod_share`] of the job's allocation over the
+    /// The grant is the pod's target, [`pod_target`] of the job's allocation over the
     /// job's pods with a live lease (the requester included), capped by the static
     /// share within one TTL of the start, then cut to what the other live grants leave
     /// of the job's allocation and of the account's usable rate. What is left below one
@@ -362,6 +362,12 @@ impl Account {
             None => self.jobs.entry(request.job.clone()).or_default(),
         };
         let leasing = job.pods.len();
+        // The pod's place among the job's leasing pods, by name.
+        let rank = job
+            .pods
+            .keys()
+            .filter(|name| name.as_ref() < request.pod)
+            .count();
         let previous = job.pods.get_mut(request.pod);
         // A renewal replaces the pod's lease: its own grant does not count against it.
         let own = previous.as_ref().map_or(0, |lease| lease.units(base));
@@ -369,10 +375,11 @@ impl Account {
         self.granted = self.granted.saturating_sub(own);
         let leasing = leasing + usize::from(previous.is_none());
 
-        let target = pod_share(
+        let target = pod_target(
             request.job_requests,
             request.usable.period_millis,
             u32::try_from(leasing).unwrap_or(u32::MAX),
+            rank,
             request.max_concurrency,
         );
         let wanted = if restarting {
@@ -434,6 +441,26 @@ impl Job {
             self.pods.len()
         }
     }
+}
+
+/// The grant a pod aims at: [`pod_share`] of the job's allocation over its
+/// `pods` leasing pods, plus one request for the first `allocation % pods` of
+/// them by name (`rank` counts the leasing pods named before it). An even
+/// split rounds down (10 over 3 pods is 3 each, 9 in all); with the remainder
+/// handed out the targets add up to the job's allocation exactly.
+pub fn pod_target(
+    job_requests: u32,
+    period_millis: u64,
+    pods: u32,
+    rank: usize,
+    max_concurrency: Option<u32>,
+) -> PodShare {
+    let pods = pods.max(1);
+    let mut target = pod_share(job_requests, period_millis, pods, max_concurrency);
+    if job_requests >= pods && u32::try_from(rank).is_ok_and(|rank| rank < job_requests % pods) {
+        target.requests += 1;
+    }
+    target
 }
 
 /// `requests / period_millis` in units of `1 / (base_millis × SCALE)` per ms, rounded
@@ -661,6 +688,24 @@ mod tests {
         assert_eq!(requests(&mut book, t + 3, &ask(&job, "a-2", 24)), 8);
         assert_eq!(requests(&mut book, t + 4, &ask(&job, "a-3", 24)), 8);
         assert_eq!(book.live_rate(t + 4, "acme"), reduced(24, P));
+    }
+
+    #[test]
+    fn the_remainder_of_an_uneven_split_goes_to_the_first_pods_by_name() {
+        let job = key("a");
+        let mut book = book();
+        let mut t = SETTLED;
+        let mut last = Vec::new();
+        // Two rounds: in the first the earlier pods' targets count fewer pods.
+        for _ in 0..3 {
+            last.clear();
+            for pod in ["a-3", "a-1", "a-2"] {
+                last.push(requests(&mut book, t, &ask(&job, pod, 10)));
+                t += 1;
+            }
+        }
+        assert_eq!(last, vec![3, 4, 3], "a-1 takes the tenth request");
+        assert_eq!(book.live_rate(t, "acme"), reduced(10, P));
     }
 
     #[test]
@@ -1306,10 +1351,18 @@ mod tests {
                             j == job && p != pod && granted.expires > model.now
                         })
                         .count();
-                    let target = pod_share(
+                    let before = model
+                        .leases
+                        .iter()
+                        .filter(|&(&(j, p), granted)| {
+                            j == job && p < pod && granted.expires > model.now
+                        })
+                        .count();
+                    let target = pod_target(
                         job_requests,
                         usable.period_millis,
                         u32::try_from(others + 1).unwrap(),
+                        before,
                         max_concurrency,
                     );
                     assert_ne!(rate_cmp(grant, target), Ordering::Greater);
@@ -1405,7 +1458,7 @@ mod tests {
             for (j, &(weight, pods, max_concurrency, counted)) in jobs.iter().enumerate() {
                 // Allocations that sum to no more than the budget.
                 let job_requests = usable.requests / total * weight;
-                for pod in &names[j] {
+                for (rank, pod) in names[j].iter().enumerate() {
                     requests.push(LeaseRequest {
                         account: "acme",
                         usable,
@@ -1416,7 +1469,7 @@ mod tests {
                         // The controller's count may lag: a share that is too big.
                         static_share: pod_share(job_requests, usable.period_millis, counted, max_concurrency),
                     });
-                    targets.push(pod_share(job_requests, usable.period_millis, pods, max_concurrency));
+                    targets.push(pod_target(job_requests, usable.period_millis, pods, rank, max_concurrency));
                 }
             }
             let mut book = book();
