@@ -5,7 +5,7 @@ CARGO   ?= cargo
 BIN     := target/testenv/bin
 DEMO    := target/demo
 
-.PHONY: all testenv build test unit integration lint crds demo demo-down bench clean
+.PHONY: all testenv build test unit integration lint crds demo demo-down bench bench-fleet clean
 
 all: build
 
@@ -43,13 +43,19 @@ demo-down:
 
 ## Benchmarks (not in CI; figures in BENCHMARKS.md): allocation in process, and
 ## the controller's convergence on the testenv with the release operator
-## running as its own process, so its RSS is measured alone.
+## running as its own process, so its RSS is measured alone. The fleet
+## benchmark (about 6 minutes of load) runs on its own: `make bench-fleet`.
 bench: testenv
 	$(CARGO) build --release --bin saleslayer-operator
 	$(CARGO) bench --bench allocation
 	$(CARGO) bench --bench webhook
 	$(CARGO) bench --bench quota
 	$(CARGO) bench --bench convergence
+
+## 4 jobs × 3 pods sending flat out through their sidecars at the simulator:
+## no coordination, a static split, and leases from the operator's quota API.
+bench-fleet: testenv
+	$(CARGO) bench --bench fleet
 
 clean: demo-down
 	$(CARGO) clean

@@ -1,0 +1,853 @@
+//! The fleet benchmark (issue 7): 4 jobs × 3 pods of load generators sending
+//! flat out at one Sales Layer account, with and without the operator.
+//!
+//! ```text
+//!  48 workers ──▶ 12 sidecars (in process) ──▶ simulator (50 per period, one API key)
+//!                        │ leases (scenario c)
+//!                        ▼
+//!       quota API of the operator (in process) ◀── testenv etcd + kube-apiserver
+//! ```
+//!
+//! The simulator enforces the documented ratio scaled to a short period: 50
+//! requests per 1 s sliding window (`FLEET_PERIOD_SECONDS=10` runs the
+//! documented 50 per 10 s). The integration declares that limit, headroom
+//! 20 % (usable 40 per period), `lendIdleCapacity: true` and 4 jobs of
+//! weight 1, and the 12 pods are real API objects admitted by the webhook and
+//! counted by the controller. Every worker sends `GET /products?page=N` with
+//! the account's one API key as soon as its previous answer is in. Each
+//! scenario runs on a fresh simulator for `FLEET_PERIODS` periods (default 60)
+//! and its `/stats` count what was served and throttled:
+//!
+//! - (a) no coordination: the workers call the simulator directly, each with
+//!   its own retry policy (4 attempts, exponential backoff with full jitter,
+//!   `Retry-After` honoured as a floor: the proxy's own policy);
+//! - (b) an even static split without leases: sidecars pacing by the pod's
+//!   `saleslayer.io/limit` annotation (what the webhook injects as env), and
+//!   the same with the exact split `usable ÷ 12` as a stretched period;
+//! - (c) the operator: sidecars leasing from the quota API.
+//!
+//! Then, still in (c), one job's workers stop (its sidecars keep renewing,
+//! reporting nothing sent and nothing queued) and come back; each job's grant
+//! and its upstream 200s (the sidecars' own counters) are sampled four times a
+//! period, and a figure counts once it has held for a whole period.
+//! The retry policy is the documented one scaled to the period (base period
+//! ÷ 10, max 8 × that: 100 / 800 ms at 1 s). Lease refresh (5 s) and TTL
+//! (15 s) are the operator's constants and are not scaled.
+//!
+//! Run: `make bench-fleet` (or `cargo bench --bench fleet`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::Api;
+use kube::api::{ListParams, PostParams};
+use saleslayer_operator::allocation::pod_share;
+use saleslayer_operator::api::{ANNOTATION_LIMIT, LABEL_INTEGRATION, SalesLayerIntegration};
+use saleslayer_operator::clock::{Clock, SystemClock};
+use saleslayer_operator::proxy::lease::{Identity, QuotaEndpoint, Renewer};
+use saleslayer_operator::proxy::metrics::CodeLabel;
+use saleslayer_operator::proxy::pacer::Limit;
+use saleslayer_operator::proxy::retry::{self, Outcome, RetryPolicy};
+use saleslayer_operator::proxy::{self, Proxy, ProxyConfig};
+use saleslayer_operator::simulator::{self, API_KEY_HEADER, SimulatorConfig, SimulatorStats};
+use saleslayer_operator::testenv::{self, ControlPlane};
+use serde_json::json;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+const NAMESPACE: &str = "shop";
+const INTEGRATION: &str = "catalog";
+const JOBS: [&str; 4] = ["import", "prices", "stock", "assets"];
+const PODS_PER_JOB: usize = 3;
+const WORKERS_PER_POD: usize = 4;
+const LIMIT: u32 = 50;
+const HEADROOM_PERCENT: u32 = 20;
+const USABLE: u32 = LIMIT * (100 - HEADROOM_PERCENT) / 100;
+/// The account's one API key: every pod sends it.
+const API_KEY: &str = "acme-prod-key";
+
+fn main() -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(bench())
+}
+
+fn env_u64(name: &str, default: u64) -> anyhow::Result<u64> {
+    match std::env::var(name) {
+        Ok(value) => value
+            .parse()
+            .with_context(|| format!("{name}={value:?} is not a number")),
+        Err(_) => Ok(default),
+    }
+}
+
+/// One pod of the fleet, as the API server has it.
+struct FleetPod {
+    job: usize,
+    name: String,
+    token_file: PathBuf,
+    /// The pod's `saleslayer.io/limit` annotation: its static share.
+    annotated: Limit,
+}
+
+/// What a scenario measured.
+struct Measured {
+    name: String,
+    seconds: f64,
+    stats: SimulatorStats,
+}
+
+async fn bench() -> anyhow::Result<()> {
+    let period = Duration::from_secs(env_u64("FLEET_PERIOD_SECONDS", 1)?.max(1));
+    let periods = env_u64("FLEET_PERIODS", 60)?.max(1);
+    let length = period * u32::try_from(periods).context("FLEET_PERIODS is too large")?;
+    let period_ms = u64::try_from(period.as_millis()).context("period")?;
+    let policy = RetryPolicy {
+        max_attempts: 4,
+        base_delay: period / 10,
+        max_delay: period * 8 / 10,
+    };
+    println!(
+        "fleet: simulator {LIMIT} requests per {period:?} (the documented 50/10 s ratio{}), one API key; \
+         usable {USABLE} per period (headroom {HEADROOM_PERCENT} %); {} jobs × {PODS_PER_JOB} pods × \
+         {WORKERS_PER_POD} workers; {periods} periods per scenario; retry {policy:?}",
+        if period_ms == 10_000 {
+            ", unscaled"
+        } else {
+            " scaled"
+        },
+        JOBS.len()
+    );
+
+    let scratch = tempfile::tempdir().context("scratch directory")?;
+    let plane = ControlPlane::start().await.context("control plane")?;
+    let client = plane.client().await.context("client")?;
+    testenv::install_crd(&client).await.context("CRD")?;
+    for namespace in [NAMESPACE, "saleslayer-system"] {
+        plane
+            .namespace(&client, namespace)
+            .await
+            .with_context(|| format!("namespace {namespace}"))?;
+    }
+    let (run, ports) = testenv::run_args("saleslayer-system");
+    tokio::spawn(saleslayer_operator::operator::run(
+        client.clone(),
+        run,
+        futures::future::pending(),
+    ));
+    let spec = serde_json::from_value(json!({
+        "account": "acme-prod",
+        "limit": {"requests": LIMIT, "periodSeconds": period.as_secs()},
+        "headroomPercent": HEADROOM_PERCENT,
+        "lendIdleCapacity": true,
+        "jobs": JOBS.iter().map(|job| json!({"name": job, "weight": 1})).collect::<Vec<_>>(),
+    }))
+    .context("integration spec")?;
+    Api::<SalesLayerIntegration>::namespaced(client.clone(), NAMESPACE)
+        .create(
+            &PostParams::default(),
+            &SalesLayerIntegration::new(INTEGRATION, spec),
+        )
+        .await
+        .context("creating the integration")?;
+    let ca_file = scratch.path().join("ca.crt");
+    let ca = wait_for(
+        "the operator's CA ConfigMap",
+        Duration::from_secs(60),
+        || {
+            let client = client.clone();
+            async move {
+                let map = Api::<ConfigMap>::namespaced(client, NAMESPACE)
+                    .get("saleslayer-operator-ca")
+                    .await
+                    .ok()?;
+                map.data.and_then(|d| d.get("ca.crt").cloned())
+            }
+        },
+    )
+    .await?;
+    std::fs::write(&ca_file, ca).context("writing the CA file")?;
+    let pods = create_pods(&client, scratch.path()).await?;
+    let fleet = wait_for_shares(&client, pods, period_ms).await?;
+    let quota_url = format!("https://127.0.0.1:{}", ports.quota);
+
+    let setup = Setup {
+        fleet: &fleet,
+        period,
+        length,
+        policy,
+    };
+    let mut results = Vec::new();
+    results.push(
+        scenario(
+            "(a) no coordination: own retry + backoff per worker",
+            setup,
+            Sidecars::None,
+        )
+        .await?,
+    );
+    results.push(
+        scenario(
+            "(b) static split, the pod's annotation (env share)",
+            setup,
+            Sidecars::Static(None),
+        )
+        .await?,
+    );
+    let pods_total = (JOBS.len() * PODS_PER_JOB) as u64;
+    let exact = Limit {
+        requests: 1,
+        period_millis: (period_ms * pods_total).div_ceil(u64::from(USABLE)),
+        max_concurrency: 1,
+    };
+    results.push(
+        scenario(
+            &format!(
+                "(b′) static split, exact: 1 per {} ms per pod",
+                exact.period_millis
+            ),
+            setup,
+            Sidecars::Static(Some(exact)),
+        )
+        .await?,
+    );
+    let leases = Sidecars::Leased {
+        url: quota_url,
+        ca_file,
+    };
+    let (measured, running) =
+        start_scenario("(c) the operator: leases from the quota API", setup, leases).await?;
+    let measured = measured.finish(&running).await?;
+    results.push(measured);
+
+    println!("load average after the scenarios: {}", load_average());
+    print_table(&results, period);
+    idle_and_return(&running, period).await?;
+    running.stop();
+    println!("load average at the end: {}", load_average());
+    Ok(())
+}
+
+/// `/proc/loadavg`'s first three figures: other work on the same cores.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Poll `probe` until it answers, for at most `deadline`.
+async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut probe: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let until = Instant::now() + deadline;
+    loop {
+        if let Some(value) = probe().await {
+            return Ok(value);
+        }
+        if Instant::now() > until {
+            bail!("{what}: not there after {deadline:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The 12 pods, created through the API (the webhook admits them), each
+/// with a bound token in a file.
+async fn create_pods(
+    client: &kube::Client,
+    dir: &std::path::Path,
+) -> anyhow::Result<Vec<(usize, String, PathBuf)>> {
+    let api = Api::<Pod>::namespaced(client.clone(), NAMESPACE);
+    let mut pods = Vec::new();
+    for (job_index, job) in JOBS.iter().enumerate() {
+        for n in 0..PODS_PER_JOB {
+            let name = format!("{job}-{n}");
+            let template = testenv::labelled_pod(Some(&name), None, INTEGRATION, job);
+            // The webhook may not be registered yet: retry until it admits.
+            let pod = wait_for(
+                &format!("admission of pod {name}"),
+                Duration::from_secs(60),
+                || {
+                    let (api, template) = (api.clone(), template.clone());
+                    async move { api.create(&PostParams::default(), &template).await.ok() }
+                },
+            )
+            .await?;
+            let token = testenv::pod_token(client, &pod, 3600)
+                .await
+                .context("token request")?
+                .context("no token in the answer")?;
+            let token_file = dir.join(format!("{name}.token"));
+            std::fs::write(&token_file, token).context("writing a token")?;
+            pods.push((job_index, name, token_file));
+        }
+    }
+    Ok(pods)
+}
+
+/// Wait until the controller has annotated every pod with the share of a
+/// job of 3 pods (usable ÷ 4 jobs, split over 3 pods).
+async fn wait_for_shares(
+    client: &kube::Client,
+    pods: Vec<(usize, String, PathBuf)>,
+    period_ms: u64,
+) -> anyhow::Result<Vec<FleetPod>> {
+    let expected: Limit = pod_share(
+        USABLE / JOBS.len() as u32,
+        period_ms,
+        PODS_PER_JOB as u32,
+        None,
+    )
+    .into();
+    let api = Api::<Pod>::namespaced(client.clone(), NAMESPACE);
+    let list = ListParams::default().labels(&format!("{LABEL_INTEGRATION}={INTEGRATION}"));
+    wait_for(
+        &format!("every pod annotated {expected:?}"),
+        Duration::from_secs(60),
+        || {
+            let (api, list) = (api.clone(), list.clone());
+            async move {
+                let listed = api.list(&list).await.ok()?;
+                let all = listed.items.len() == JOBS.len() * PODS_PER_JOB
+                    && listed.items.iter().all(|pod| {
+                        pod.metadata
+                            .annotations
+                            .as_ref()
+                            .and_then(|a| a.get(ANNOTATION_LIMIT))
+                            .and_then(|v| serde_json::from_str::<Limit>(v).ok())
+                            == Some(expected)
+                    });
+                all.then_some(())
+            }
+        },
+    )
+    .await?;
+    println!("every pod annotated {expected:?} (the static share)");
+    Ok(pods
+        .into_iter()
+        .map(|(job, name, token_file)| FleetPod {
+            job,
+            name,
+            token_file,
+            annotated: expected,
+        })
+        .collect())
+}
+
+/// How the workers reach the simulator.
+enum Sidecars {
+    /// Directly, each worker retrying on its own.
+    None,
+    /// Through a sidecar per pod pacing by a fixed share: the pod's
+    /// annotation, or the given one.
+    Static(Option<Limit>),
+    /// Through a sidecar per pod leasing from the quota API.
+    Leased { url: String, ca_file: PathBuf },
+}
+
+/// A scenario while it runs.
+struct Running {
+    simulator: String,
+    proxies: Vec<(usize, Arc<Proxy>)>,
+    active: Vec<watch::Sender<bool>>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    fn stop(&self) {
+        let _ = self.stop.send(true);
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+
+    /// Upstream 200s per job so far, as the sidecars counted them.
+    fn served(&self) -> Vec<u64> {
+        let ok = CodeLabel { code: "200".into() };
+        let mut per_job = vec![0; JOBS.len()];
+        for (job, proxy) in &self.proxies {
+            per_job[*job] += proxy.metrics.requests.get_or_create(&ok).get();
+        }
+        per_job
+    }
+
+    /// Requests per second granted to each job's sidecars right now.
+    fn granted(&self) -> Vec<f64> {
+        let mut per_job = vec![0.0; JOBS.len()];
+        for (job, proxy) in &self.proxies {
+            let limit = proxy.gate.snapshot().limit;
+            per_job[*job] += f64::from(limit.requests) * 1000.0 / limit.period_millis as f64;
+        }
+        per_job
+    }
+}
+
+/// A scenario's measurement window.
+struct Window {
+    name: String,
+    started: Instant,
+    length: Duration,
+}
+
+impl Window {
+    async fn finish(self, running: &Running) -> anyhow::Result<Measured> {
+        tokio::time::sleep_until((self.started + self.length).into()).await;
+        let stats = stats(&running.simulator).await?;
+        let seconds = self.started.elapsed().as_secs_f64();
+        Ok(Measured {
+            name: self.name,
+            seconds,
+            stats,
+        })
+    }
+}
+
+async fn stats(simulator: &str) -> anyhow::Result<SimulatorStats> {
+    reqwest::get(format!("{simulator}/stats"))
+        .await
+        .context("simulator /stats")?
+        .json()
+        .await
+        .context("simulator /stats JSON")
+}
+
+/// What every scenario shares.
+#[derive(Clone, Copy)]
+struct Setup<'a> {
+    fleet: &'a [FleetPod],
+    period: Duration,
+    length: Duration,
+    policy: RetryPolicy,
+}
+
+/// Run one scenario to its end and stop it.
+async fn scenario(name: &str, setup: Setup<'_>, sidecars: Sidecars) -> anyhow::Result<Measured> {
+    let (window, running) = start_scenario(name, setup, sidecars).await?;
+    let measured = window.finish(&running).await;
+    running.stop();
+    measured
+}
+
+/// A fresh simulator, the sidecars (if any) and the workers, started.
+async fn start_scenario(
+    name: &str,
+    setup: Setup<'_>,
+    sidecars: Sidecars,
+) -> anyhow::Result<(Window, Running)> {
+    let Setup {
+        fleet,
+        period,
+        length,
+        policy,
+    } = setup;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("simulator port")?;
+    let simulator_url = format!("http://{}", listener.local_addr().context("address")?);
+    let app = simulator::router(SimulatorConfig {
+        requests: LIMIT,
+        period,
+    });
+    let mut tasks = vec![tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    })];
+    let (stop, _) = watch::channel(false);
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock::default());
+    let mut proxies = Vec::new();
+    let mut targets = Vec::new();
+    for pod in fleet {
+        let quota = match &sidecars {
+            Sidecars::None => {
+                targets.push((pod.job, simulator_url.clone(), true));
+                continue;
+            }
+            Sidecars::Static(_) => None,
+            Sidecars::Leased { url, ca_file } => Some(QuotaEndpoint {
+                url: url.clone(),
+                token_file: pod.token_file.clone(),
+                ca_file: Some(ca_file.clone()),
+                identity: Identity {
+                    namespace: NAMESPACE.into(),
+                    integration: INTEGRATION.into(),
+                    job: JOBS[pod.job].into(),
+                    pod: pod.name.clone(),
+                },
+            }),
+        };
+        let env_share = match &sidecars {
+            Sidecars::Static(Some(limit)) => *limit,
+            _ => pod.annotated,
+        };
+        let config = ProxyConfig {
+            upstream: simulator_url.clone(),
+            env_share,
+            policy,
+            queue: 1024,
+            upstream_timeout: Duration::from_secs(10),
+            limit_file: None,
+            quota,
+        };
+        let sidecar = Proxy::new(&config, clock.clone(), fastrand::Rng::new())
+            .context("starting a sidecar")?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("sidecar port")?;
+        let url = format!("http://{}", listener.local_addr().context("address")?);
+        let app = proxy::router(sidecar.clone());
+        tasks.push(tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        }));
+        let renewer = Renewer::new(
+            sidecar.gate.clone(),
+            config.quota.clone(),
+            None,
+            sidecar.metrics.clone(),
+        );
+        let mut stopped = stop.subscribe();
+        tasks.push(tokio::spawn(renewer.run(clock.clone(), async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        })));
+        proxies.push((pod.job, sidecar));
+        targets.push((pod.job, url, false));
+    }
+    let active: Vec<watch::Sender<bool>> =
+        (0..JOBS.len()).map(|_| watch::channel(true).0).collect();
+    for (job, url, direct) in targets {
+        // One connection pool per pod, shared by its workers.
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(WORKERS_PER_POD)
+            .timeout(Duration::from_secs(30))
+            .build()
+            .context("load generator client")?;
+        for _ in 0..WORKERS_PER_POD {
+            let worker = Worker {
+                http: http.clone(),
+                url: url.clone(),
+                retry: direct.then(|| (policy, fastrand::Rng::new())),
+            };
+            tasks.push(tokio::spawn(
+                worker.run(active[job].subscribe(), stop.subscribe()),
+            ));
+        }
+    }
+    let window = Window {
+        name: name.to_owned(),
+        started: Instant::now(),
+        length,
+    };
+    println!("{name}: running for {length:?}");
+    Ok((
+        window,
+        Running {
+            simulator: simulator_url,
+            proxies,
+            active,
+            stop,
+            tasks,
+        },
+    ))
+}
+
+/// One load generator: the next page as soon as the previous answer is in.
+struct Worker {
+    http: reqwest::Client,
+    url: String,
+    /// Without a sidecar the worker retries on its own.
+    retry: Option<(RetryPolicy, fastrand::Rng)>,
+}
+
+impl Worker {
+    async fn run(mut self, mut active: watch::Receiver<bool>, mut stop: watch::Receiver<bool>) {
+        let mut page = 0u64;
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            if !*active.borrow() {
+                tokio::select! {
+                    _ = active.wait_for(|a| *a) => continue,
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+            page += 1;
+            let url = format!("{}/products?page={}&pageSize=10", self.url, page % 100);
+            let mut attempt = 1;
+            loop {
+                let sent = self.http.get(&url).header(API_KEY_HEADER, API_KEY).send();
+                let answer = tokio::select! {
+                    answer = sent => answer,
+                    _ = stop.wait_for(|s| *s) => return,
+                };
+                let outcome = match answer {
+                    Ok(response) => {
+                        let status = response.status().as_u16();
+                        let retry_after = response
+                            .headers()
+                            .get("retry-after")
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(retry::parse_retry_after);
+                        let _ = response.bytes().await;
+                        Outcome::Answer {
+                            status,
+                            retry_after,
+                        }
+                    }
+                    Err(_) => Outcome::Unreachable,
+                };
+                let Some((policy, rng)) = &mut self.retry else {
+                    break;
+                };
+                let Some(delay) = policy.next_delay(attempt, outcome, rng.f64()) else {
+                    break;
+                };
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                attempt += 1;
+            }
+        }
+    }
+}
+
+fn print_table(results: &[Measured], period: Duration) {
+    let per_second = |n: f64| n / period.as_secs_f64();
+    println!();
+    println!(
+        "| scenario | served | 429s | served/s | ÷ usable ({}/s) | ÷ limit ({}/s) |",
+        per_second(f64::from(USABLE)),
+        per_second(f64::from(LIMIT))
+    );
+    println!("|---|---|---|---|---|---|");
+    for m in results {
+        let rate = m.stats.accepted as f64 / m.seconds;
+        println!(
+            "| {} | {} | {} | {:.2} | {:.1} % | {:.1} % |",
+            m.name,
+            m.stats.accepted,
+            m.stats.throttled,
+            rate,
+            100.0 * rate / per_second(f64::from(USABLE)),
+            100.0 * rate / per_second(f64::from(LIMIT)),
+        );
+    }
+    println!();
+}
+
+/// One sample of the idle-and-return phase.
+struct Sample {
+    at: Duration,
+    /// Upstream 200s per job so far, as the sidecars counted them.
+    served: Vec<u64>,
+    /// Requests per second granted per job at that instant.
+    granted: Vec<f64>,
+}
+
+/// The served rate per job over about two periods ending at sample `i`: a
+/// sidecar sends its grant as a burst each period, so one period's count
+/// swings by a whole burst with the sampling phase.
+fn rate(samples: &[Sample], i: usize, period: Duration) -> Vec<f64> {
+    let now = &samples[i];
+    let target = now.at.saturating_sub(period * 2);
+    let base = samples[..=i]
+        .iter()
+        .min_by_key(|s| s.at.abs_diff(target))
+        .unwrap_or(now);
+    let seconds = (now.at - base.at).as_secs_f64().max(1e-3);
+    now.served
+        .iter()
+        .zip(&base.served)
+        .map(|(n, b)| (n - b) as f64 / seconds)
+        .collect()
+}
+
+/// Sample four times a period for `length`, printing a line per period.
+async fn sample_for(
+    running: &Running,
+    origin: Instant,
+    length: Duration,
+    period: Duration,
+    label: &str,
+    samples: &mut Vec<Sample>,
+) {
+    let tick = period / 4;
+    let started = Instant::now();
+    let mut next = started;
+    let mut n = 0u64;
+    while started.elapsed() < length {
+        next += tick;
+        tokio::time::sleep_until(next.into()).await;
+        samples.push(Sample {
+            at: origin.elapsed(),
+            served: running.served(),
+            granted: running.granted(),
+        });
+        n += 1;
+        if n.is_multiple_of(4) {
+            let round = |v: &[f64]| {
+                v.iter()
+                    .map(|r| format!("{r:4.1}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            let last = samples.len() - 1;
+            println!(
+                "  {label} +{:5.2} s  served/s [{}]  granted/s [{}]",
+                started.elapsed().as_secs_f64(),
+                round(&rate(samples, last, period)),
+                round(&samples[last].granted),
+            );
+        }
+    }
+}
+
+/// The first time from `from` after which `holds` is true at every sample
+/// for a whole period.
+fn first_sustained(
+    samples: &[Sample],
+    from: Duration,
+    period: Duration,
+    holds: impl Fn(usize) -> bool,
+) -> Option<Duration> {
+    let mut run_start: Option<Duration> = None;
+    for (i, sample) in samples.iter().enumerate().filter(|(_, s)| s.at > from) {
+        if holds(i) {
+            let start = *run_start.get_or_insert(sample.at);
+            if sample.at >= start + period {
+                return Some(start - from);
+            }
+        } else {
+            run_start = None;
+        }
+    }
+    None
+}
+
+/// With leases on: job 0 goes idle, then comes back.
+async fn idle_and_return(running: &Running, period: Duration) -> anyhow::Result<()> {
+    let usable = f64::from(USABLE) / period.as_secs_f64();
+    let fair = usable / JOBS.len() as f64;
+    let phase = Duration::from_secs(env_u64("FLEET_IDLE_SECONDS", 30)?).max(period * 12);
+    let origin = Instant::now();
+    let mut samples = Vec::new();
+    sample_for(running, origin, period * 3, period, "steady", &mut samples).await;
+    let steady = rate(&samples, samples.len() - 1, period);
+    let steady_others: f64 = steady[1..].iter().sum();
+    let granted_before = samples[samples.len() - 1].granted.clone();
+    let stats_before = stats(&running.simulator).await?;
+    println!(
+        "idle and return: {} goes idle for {phase:?} (its sidecars keep renewing)",
+        JOBS[0]
+    );
+    let idle_at = origin.elapsed();
+    let _ = running.active[0].send(false);
+    sample_for(running, origin, phase, period, "idle", &mut samples).await;
+    let idle_samples = samples.len();
+    let back_at = origin.elapsed();
+    println!("{} comes back for {phase:?}", JOBS[0]);
+    let _ = running.active[0].send(true);
+    sample_for(running, origin, phase, period, "back", &mut samples).await;
+    let stats_after = stats(&running.simulator).await?;
+
+    let idle = &samples[..idle_samples];
+    let others_granted = |i: usize| samples[i].granted[1..].iter().sum::<f64>();
+    let others_served = |i: usize| rate(&samples, i, period)[1..].iter().sum::<f64>();
+    let peak_granted = (0..idle.len())
+        .filter(|&i| samples[i].at > idle_at)
+        .map(others_granted)
+        .fold(0.0, f64::max);
+    let lowest_returning = (0..idle.len())
+        .filter(|&i| samples[i].at > idle_at)
+        .map(|i| samples[i].granted[0])
+        .fold(f64::MAX, f64::min);
+    let show = |d: Option<Duration>| {
+        d.map_or_else(
+            || "not reached".to_owned(),
+            |d| format!("{:.2} s", d.as_secs_f64()),
+        )
+    };
+    let rows = [
+        (
+            format!(
+                "{}'s grant at its lowest (from {:.1}/s)",
+                JOBS[0], granted_before[0]
+            ),
+            format!("{lowest_returning:.1}/s"),
+        ),
+        (
+            format!(
+                "the others' grants reach their peak while it is idle ({:.1}/s → {peak_granted:.1}/s)",
+                granted_before[1..].iter().sum::<f64>()
+            ),
+            show(first_sustained(idle, idle_at, period, |i| {
+                others_granted(i) >= peak_granted - 1e-9
+            })),
+        ),
+        (
+            format!(
+                "the others serve ≥ 95 % of that peak ({:.1}/s; they served {steady_others:.1}/s before)",
+                0.95 * peak_granted
+            ),
+            show(first_sustained(idle, idle_at, period, |i| {
+                others_served(i) >= 0.95 * peak_granted
+            })),
+        ),
+        (
+            format!("the others serve ≥ 95 % of usable ({:.1}/s)", 0.95 * usable),
+            show(first_sustained(idle, idle_at, period, |i| {
+                others_served(i) >= 0.95 * usable
+            })),
+        ),
+        (
+            format!(
+                "after it comes back: its grant ≥ 90 % of usable ÷ 4 ({:.1}/s)",
+                0.9 * fair
+            ),
+            show(first_sustained(&samples, back_at, period, |i| {
+                samples[i].granted[0] >= 0.9 * fair
+            })),
+        ),
+        (
+            format!(
+                "… it serves ≥ 90 % of its own rate before ({:.1}/s)",
+                0.9 * steady[0]
+            ),
+            show(first_sustained(&samples, back_at, period, |i| {
+                rate(&samples, i, period)[0] >= 0.9 * steady[0]
+            })),
+        ),
+        (
+            format!("… it serves ≥ 90 % of usable ÷ 4 ({:.1}/s)", 0.9 * fair),
+            show(first_sustained(&samples, back_at, period, |i| {
+                rate(&samples, i, period)[0] >= 0.9 * fair
+            })),
+        ),
+        (
+            "429s at the simulator during idle and return".to_owned(),
+            format!(
+                "{} (of {} served)",
+                stats_after.throttled - stats_before.throttled,
+                stats_after.accepted - stats_before.accepted
+            ),
+        ),
+    ];
+    println!();
+    println!(
+        "| {} idle, then back (served: rate over two periods; each time: held for a period) | figure |",
+        JOBS[0]
+    );
+    println!("|---|---|");
+    for (what, figure) in rows {
+        println!("| {what} | {figure} |");
+    }
+    Ok(())
+}
