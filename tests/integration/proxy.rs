@@ -21,6 +21,9 @@ use serde_json::Value;
 use crate::support::Env;
 
 const KEY: &str = "acme-key";
+/// More than the pacer's spacing at 100 per second: sequential calls this far
+/// apart never wait, so the clock records only the retries' waits.
+const APART: Duration = Duration::from_millis(10);
 
 /// The simulator on a loopback port, its window measured on `clock`.
 async fn simulator(clock: &ManualClock, requests: u32, period: Duration) -> String {
@@ -101,12 +104,14 @@ async fn a_throttled_request_waits_for_retry_after_then_succeeds() {
     let upstream = simulator(&clock, 2, Duration::from_secs(10)).await;
     let proxy = proxy(&config(&upstream, share(100, 1_000), 4), &clock);
     for page in 1..=3 {
+        clock.advance(APART);
         let (status, _, body) = call(&proxy, &format!("/products?page={page}"), Some(KEY)).await;
         assert_eq!(status, 200, "page {page}: {body}");
         assert_eq!(body["page"], page);
     }
-    // The third was throttled at t=0 with Retry-After 10: one wait of exactly
-    // that (the jitter draw for attempt 1 is below 1 s, so the floor wins).
+    // The third was throttled 20 ms after the first with Retry-After 10 (9.98 s
+    // rounded up): one wait of exactly that (the jitter draw for attempt 1 is
+    // below 1 s, so the floor wins).
     assert_eq!(clock.sleeps(), vec![Duration::from_secs(10)]);
     let seen = stats(&upstream).await;
     assert_eq!(
@@ -124,8 +129,10 @@ async fn client_errors_are_answered_once_and_never_retried() {
     let proxy = proxy(&config(&upstream, share(100, 1_000), 4), &clock);
     let (status, _, body) = call(&proxy, "/products?page=1", None).await;
     assert_eq!(status, 401, "{body}");
+    clock.advance(APART);
     let (status, _, body) = call(&proxy, "/products?page=abc", Some(KEY)).await;
     assert_eq!(status, 400, "{body}");
+    clock.advance(APART);
     let (status, _, body) = call(&proxy, "/nowhere", Some(KEY)).await;
     assert_eq!(status, 404, "{body}");
     assert!(clock.sleeps().is_empty(), "waited: {:?}", clock.sleeps());
@@ -142,6 +149,7 @@ async fn the_last_answer_reaches_the_caller_when_attempts_run_out() {
     let upstream = simulator(&clock, 1, Duration::from_secs(30)).await;
     let proxy = proxy(&config(&upstream, share(100, 1_000), 1), &clock);
     assert_eq!(call(&proxy, "/products", Some(KEY)).await.0, 200);
+    clock.advance(APART);
     let (status, retry_after, body) = call(&proxy, "/products", Some(KEY)).await;
     assert_eq!(status, 429, "{body}");
     assert_eq!(
@@ -191,8 +199,8 @@ async fn pacing_keeps_a_strict_upstream_from_ever_throttling() {
         (seen["accepted"].as_u64(), seen["throttled"].as_u64()),
         (Some(40), Some(0))
     );
-    // 5 at once, then 5 per second: the 40th goes at 7 s, not before.
-    assert_eq!(clock.now(), Duration::from_secs(7));
+    // One every 200 ms: the 40th goes at 7.8 s, not before.
+    assert_eq!(clock.now(), Duration::from_millis(7_800));
 }
 
 /// Leases from the real quota API; when it goes away the sidecar keeps the
