@@ -1,47 +1,23 @@
 //! What each job wants, from what its pods report. Pure; time is a parameter.
 //!
-//! A job's demand is what its pods sent in a window of the account's period
-//! (the larger of the last complete window and the current one so far) plus
-//! the backlog its pods reported last (`queued` is a gauge: counting it once
-//! per report would make demand grow with how often pods report).
+//! Each pod's report says what it sent since its previous one and what it
+//! has waiting now. A pod's demand is the rate it sent at over the interval
+//! its report covers, in requests per period of the account's limit, plus
+//! its backlog (`queued` is a gauge: it counts once, however often the pod
+//! reports). A job's demand is the sum over its pods that reported within
+//! [`horizon`]; with none, the job has no known demand. Rates, not sums per
+//! window, so that how often pods report (every 5 s) and how long the
+//! limit's period is (10 s, or 1 s in a benchmark) do not change the figure.
 //!
 //! With `lendIdleCapacity`, the allocation caps a job at its demand (never
 //! below its floor), so capacity a job does not use goes to jobs that queue,
-//! and returns as soon as the job reports queued work again. A job that has
-//! not reported in the last two windows has no known demand; a pod's backlog
-//! counts for two windows after its last report.
+//! and returns as soon as the job reports queued work again.
 
 use std::collections::HashMap;
 
 use crate::allocation::JobKey;
 
-use super::throttle::window_of;
-
-#[derive(Debug, Default)]
-struct JobDemand {
-    window: u64,
-    current: u64,
-    previous: u64,
-    /// Per pod: its last reported backlog and the window it reported in.
-    backlog: HashMap<String, (u64, u64)>,
-}
-
-impl JobDemand {
-    fn sent(&self, window: u64) -> Option<u64> {
-        match window.checked_sub(self.window)? {
-            0 => Some(self.current.max(self.previous)),
-            1 => Some(self.current),
-            _ => None,
-        }
-    }
-
-    fn backlog(&self, window: u64) -> u64 {
-        self.backlog
-            .values()
-            .filter(|(_, at)| window.saturating_sub(*at) <= 1)
-            .fold(0u64, |sum, (queued, _)| sum.saturating_add(*queued))
-    }
-}
+use super::LEASE_TTL;
 
 /// A pod's report, as the demand book needs it.
 #[derive(Debug, Clone, Copy)]
@@ -54,10 +30,38 @@ pub struct Report<'a> {
     pub queued: u64,
 }
 
+/// A pod's last report.
+#[derive(Debug, Clone, Copy)]
+struct PodDemand {
+    at_millis: u64,
+    sent: u64,
+    /// The time that report covers (since the pod's previous one).
+    over_millis: u64,
+    queued: u64,
+}
+
+impl PodDemand {
+    /// Requests per `period_millis`, rounded up, plus the backlog.
+    fn per_period(&self, period_millis: u64) -> u64 {
+        let rate = u128::from(self.sent) * u128::from(period_millis);
+        let per_period = rate.div_ceil(u128::from(self.over_millis.max(1)));
+        u64::try_from(per_period)
+            .unwrap_or(u64::MAX)
+            .saturating_add(self.queued)
+    }
+}
+
+/// How long a report counts: two periods, and never less than a lease's TTL
+/// (a pod that keeps its lease reports at least that often).
+pub fn horizon(period_millis: u64) -> u64 {
+    let ttl = u64::try_from(LEASE_TTL.as_millis()).unwrap_or(u64::MAX);
+    period_millis.saturating_mul(2).max(ttl)
+}
+
 /// Demand per job.
 #[derive(Debug, Default)]
 pub struct DemandBook {
-    jobs: HashMap<JobKey, JobDemand>,
+    jobs: HashMap<JobKey, HashMap<String, PodDemand>>,
 }
 
 impl DemandBook {
@@ -65,38 +69,40 @@ impl DemandBook {
     /// demand changed.
     pub fn report(&mut self, report: Report<'_>, now_millis: u64, period_millis: u64) -> bool {
         let before = self.demand(report.job, now_millis, period_millis);
-        let window = window_of(now_millis, period_millis);
-        let entry = self
-            .jobs
-            .entry(report.job.clone())
-            .or_insert_with(|| JobDemand {
-                window,
-                ..JobDemand::default()
-            });
-        if window > entry.window {
-            entry.previous = if window == entry.window + 1 {
-                entry.current
-            } else {
-                0
-            };
-            entry.current = 0;
-            entry.window = window;
-            entry
-                .backlog
-                .retain(|_, (_, at)| window.saturating_sub(*at) <= 1);
-        }
-        entry.current = entry.current.saturating_add(report.sent);
-        entry
-            .backlog
-            .insert(report.pod.to_owned(), (report.queued, window));
+        let horizon = horizon(period_millis);
+        let pods = self.jobs.entry(report.job.clone()).or_default();
+        pods.retain(|_, pod| now_millis.saturating_sub(pod.at_millis) <= horizon);
+        // A first report (or one after a long silence) covers one period.
+        let over_millis = pods
+            .get(report.pod)
+            .map(|previous| now_millis.saturating_sub(previous.at_millis))
+            .filter(|&over| over > 0)
+            .unwrap_or(period_millis);
+        pods.insert(
+            report.pod.to_owned(),
+            PodDemand {
+                at_millis: now_millis,
+                sent: report.sent,
+                over_millis,
+                queued: report.queued,
+            },
+        );
         before != self.demand(report.job, now_millis, period_millis)
     }
 
-    /// Requests per period the job wants, if it reported recently.
+    /// Requests per period the job wants, if one of its pods reported recently.
     pub fn demand(&self, job: &JobKey, now_millis: u64, period_millis: u64) -> Option<u32> {
-        let entry = self.jobs.get(job)?;
-        let window = window_of(now_millis, period_millis);
-        let wanted = entry.sent(window)?.saturating_add(entry.backlog(window));
+        let horizon = horizon(period_millis);
+        let mut recent = self
+            .jobs
+            .get(job)?
+            .values()
+            .filter(|pod| now_millis.saturating_sub(pod.at_millis) <= horizon)
+            .peekable();
+        recent.peek()?;
+        let wanted = recent.fold(0u64, |sum, pod| {
+            sum.saturating_add(pod.per_period(period_millis))
+        });
         Some(u32::try_from(wanted).unwrap_or(u32::MAX))
     }
 }
@@ -125,18 +131,21 @@ mod tests {
     }
 
     #[test]
-    fn demand_sums_a_window_and_keeps_the_last_one() {
+    fn demand_is_the_rate_sent_per_period_whatever_the_report_interval() {
         let job = job();
         let mut book = DemandBook::default();
         assert_eq!(book.demand(&job, 0, P), None);
-        assert!(book.report(sent(&job, "a", 3, 0), 100, P));
-        assert!(book.report(sent(&job, "a", 4, 0), 5_000, P));
-        assert_eq!(book.demand(&job, 6_000, P), Some(7));
-        // Next window: the last complete one still counts until outgrown.
-        assert!(!book.report(sent(&job, "a", 2, 0), P + 100, P));
-        assert_eq!(book.demand(&job, P + 200, P), Some(7));
-        book.report(sent(&job, "a", 9, 0), P + 300, P);
-        assert_eq!(book.demand(&job, P + 400, P), Some(11));
+        assert!(book.report(sent(&job, "a", 0, 0), 0, P));
+        // 6 requests in 5 s is 12 per 10 s.
+        book.report(sent(&job, "a", 6, 0), 5_000, P);
+        assert_eq!(book.demand(&job, 6_000, P), Some(12));
+        // Reporting ten times as often at the same rate changes nothing.
+        for step in 1..=10 {
+            book.report(sent(&job, "a", 1, 0), 5_000 + step * 833, P);
+        }
+        assert_eq!(book.demand(&job, 14_000, P), Some(13), "1 per 833 ms, rounded up");
+        // The same rate against a 1 s period.
+        assert_eq!(book.demand(&job, 14_000, 1_000), Some(2));
     }
 
     #[test]
@@ -154,17 +163,18 @@ mod tests {
     }
 
     #[test]
-    fn silence_forgets_demand() {
+    fn silence_forgets_demand_after_the_horizon() {
         let job = job();
         let mut book = DemandBook::default();
         book.report(sent(&job, "a", 5, 3), 0, P);
-        assert_eq!(book.demand(&job, P + 1, P), Some(8));
-        assert_eq!(book.demand(&job, 2 * P + 1, P), None);
-        book.report(sent(&job, "b", 1, 0), 3 * P, P);
-        assert_eq!(
-            book.demand(&job, 3 * P, P),
-            Some(1),
-            "a gap resets the last window and the silent pod's backlog"
-        );
+        assert_eq!(book.demand(&job, 20_000, P), Some(8));
+        assert_eq!(book.demand(&job, 20_001, P), None);
+        // With a 1 s period a report still counts for a lease TTL.
+        book.report(sent(&job, "b", 1, 0), 30_000, 1_000);
+        assert_eq!(book.demand(&job, 45_000, 1_000), Some(1));
+        assert_eq!(book.demand(&job, 45_001, 1_000), None);
+        // The silent pod's old report no longer counts once it reports again late.
+        book.report(sent(&job, "b", 2, 0), 100_000, 1_000);
+        assert_eq!(book.demand(&job, 100_000, 1_000), Some(2));
     }
 }
