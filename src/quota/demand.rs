@@ -143,7 +143,11 @@ mod tests {
         for step in 1..=10 {
             book.report(sent(&job, "a", 1, 0), 5_000 + step * 833, P);
         }
-        assert_eq!(book.demand(&job, 14_000, P), Some(13), "1 per 833 ms, rounded up");
+        assert_eq!(
+            book.demand(&job, 14_000, P),
+            Some(13),
+            "1 per 833 ms, rounded up"
+        );
         // The same rate against a 1 s period.
         assert_eq!(book.demand(&job, 14_000, 1_000), Some(2));
     }
