@@ -21,7 +21,11 @@
 //!    `max_requests` and the known `demand`, never below the floor.
 //! 3. **Lending.** With `lend_idle`, a job with no live pods has its floor as effective
 //!    cap; the rest of its share goes to busy jobs and comes back once the caller
-//!    reports a live pod.
+//!    reports a live pod. A cap from `demand` is soft: when every job is at its
+//!    effective cap and capacity is left, that rest is water-filled again by weight up
+//!    to the hard caps (`max_requests`, and the floor of a lending job with no pods),
+//!    so an account whose jobs all report little demand keeps its ordinary shares
+//!    rather than granting nothing until demand is next reported.
 //! 4. **Rounding.** Exact shares are rational; they are rounded down and the units left
 //!    over go to the largest remainders, ties to the smaller [`JobKey`]. The total
 //!    handed out is the floor of the exact total, a job whose exact share is a whole
@@ -31,9 +35,9 @@
 //!
 //! All arithmetic is on integers (shares are kept as numerators over a common
 //! denominator), so the invariants hold exactly: Σ allocations ≤ usable; floors hold
-//! unless overcommitted; caps hold; if a job of positive weight sits below its
-//! effective cap, no usable request is left idle; the same jobs in any order give the
-//! same result.
+//! unless overcommitted; hard caps hold, and demand caps too unless nothing else
+//! wanted the capacity; if a job of positive weight sits below its hard cap, no usable
+//! request is left idle; the same jobs in any order give the same result.
 //!
 //! # Worked examples
 //!
@@ -275,7 +279,7 @@ pub fn allocate(budget: UsableBudget, jobs: &[JobRequest]) -> AccountAllocation 
     let usable = budget.requests;
 
     let (requests, overcommit) = match u64::from(usable).checked_sub(floors) {
-        Some(spare) => (water_fill(&limits, spare), None),
+        Some(spare) => (fill(&limits, spare, usable), None),
         None => (
             scale_floors(&limits, floors, usable),
             Some(Overcommit { floors, usable }),
@@ -351,6 +355,9 @@ struct Limits {
     weight: u32,
     /// `None` is unbounded; when set it is never below `floor`.
     cap: Option<u32>,
+    /// The cap without demand: `max_requests`, or the floor of a lending job
+    /// with no pods. Never below `cap`'s floor; `None` is unbounded.
+    hard_cap: Option<u32>,
 }
 
 impl Limits {
@@ -359,6 +366,11 @@ impl Limits {
         let floor = job
             .max_requests
             .map_or(job.min_requests, |max| job.min_requests.min(max));
+        let hard_cap = if job.lend_idle && job.live_pods == 0 {
+            Some(floor)
+        } else {
+            job.max_requests
+        };
         let cap = if job.lend_idle && job.live_pods == 0 {
             Some(floor)
         } else {
@@ -376,6 +388,7 @@ impl Limits {
             floor,
             weight: job.weight,
             cap,
+            hard_cap,
         }
     }
 }
@@ -415,6 +428,28 @@ fn scale_floors(limits: &[Limits], floors: u64, usable: u32) -> Vec<u32> {
     // The exact shares sum to `usable`, an integer, so this is what rounding down lost.
     hand_out_units(&mut out, &mut remainders, u64::from(usable) - handed_out);
     out
+}
+
+/// Water-filling under the effective caps; what is then left (every weighted job
+/// at its effective cap) is water-filled again by weight up to the hard caps.
+fn fill(limits: &[Limits], spare: u64, usable: u32) -> Vec<u32> {
+    let first = water_fill(limits, spare);
+    let total: u64 = first.iter().map(|&r| u64::from(r)).sum();
+    let left = u64::from(usable).saturating_sub(total);
+    if left == 0 || limits.iter().all(|l| l.cap == l.hard_cap) {
+        return first;
+    }
+    let again: Vec<Limits> = limits
+        .iter()
+        .zip(&first)
+        .map(|(limit, &got)| Limits {
+            floor: got,
+            weight: limit.weight,
+            cap: limit.hard_cap.map(|cap| cap.max(got)),
+            hard_cap: limit.hard_cap,
+        })
+        .collect();
+    water_fill(&again, left)
 }
 
 /// Floors plus `spare` shared by weight up to each effective cap, rounded by largest
@@ -870,6 +905,27 @@ mod tests {
     }
 
     #[test]
+    fn when_no_job_wants_the_rest_it_is_shared_anyway() {
+        let quiet = |name, weight, demand| JobRequest {
+            demand: Some(demand),
+            ..job(name, weight)
+        };
+        // Nobody reports demand yet (or the account is quiet): ordinary shares,
+        // not nothing until the next report.
+        assert_eq!(run(40, &[quiet("a", 1, 0), quiet("b", 3, 0)]), [10, 30]);
+        // Demand below the share: each gets its demand, the rest by weight.
+        assert_eq!(run(40, &[quiet("a", 1, 2), quiet("b", 1, 6)]), [18, 22]);
+        // A busy job still takes what a quiet one leaves.
+        assert_eq!(run(40, &[quiet("a", 1, 0), job("b", 1)]), [0, 40]);
+        // Hard caps still hold on the second pass.
+        let capped = JobRequest {
+            max_requests: Some(5),
+            ..quiet("c", 1, 0)
+        };
+        assert_eq!(run(40, &[quiet("a", 1, 0), capped]), [35, 5]);
+    }
+
+    #[test]
     fn demand_below_the_floor_keeps_the_floor() {
         let a = JobRequest {
             demand: Some(2),
@@ -1100,6 +1156,43 @@ mod tests {
         (floor, cap)
     }
 
+    /// The cap without demand, as the rules state it.
+    fn hard_cap(job: &JobRequest) -> Option<u32> {
+        let (floor, _) = floor_and_cap(job);
+        if job.lend_idle && job.live_pods == 0 {
+            Some(floor)
+        } else {
+            job.max_requests
+        }
+    }
+
+    /// What water-filling can hand out under `cap`: the floors plus every weighted
+    /// job's room up to its cap, or everything when one is unbounded.
+    fn reachable(
+        sorted: &[&JobRequest],
+        cap: impl Fn(&JobRequest) -> Option<u32>,
+        usable: u64,
+    ) -> u64 {
+        let mut total = 0u64;
+        for job in sorted {
+            let (floor, _) = floor_and_cap(job);
+            total += u64::from(floor);
+            if job.weight > 0 {
+                match cap(job) {
+                    Some(cap) => total += u64::from(cap.max(floor) - floor),
+                    None => return usable,
+                }
+            }
+        }
+        total.min(usable)
+    }
+
+    /// Whether the second pass ran: the first left capacity and some cap was soft.
+    fn refilled(sorted: &[&JobRequest], usable: u64) -> bool {
+        reachable(sorted, |j| floor_and_cap(j).1, usable) < usable
+            && sorted.iter().any(|j| floor_and_cap(j).1 != hard_cap(j))
+    }
+
     fn key() -> impl Strategy<Value = JobKey> {
         // A small key space, so duplicates and shared prefixes are common.
         (0..2u8, 0..2u8, 0..4u8).prop_map(|(n, i, j)| {
@@ -1215,26 +1308,11 @@ mod tests {
             }
             None => {
                 assert!(floors <= usable);
-                // What the rules can hand out at most: floors, plus every weighted
-                // job's room up to its effective cap (unbounded = everything).
-                let mut reachable = floors;
-                let mut unbounded = false;
-                for job in &sorted {
-                    let (floor, cap) = floor_and_cap(job);
-                    if job.weight > 0 {
-                        match cap {
-                            Some(cap) => reachable += u64::from(cap - floor),
-                            None => unbounded = true,
-                        }
-                    }
-                }
-                // No usable capacity idle while a weighted job is below its cap.
-                let expected = if unbounded {
-                    usable
-                } else {
-                    reachable.min(usable)
-                };
-                assert_eq!(total, expected);
+                // No usable capacity idle while a weighted job is below its hard cap.
+                assert_eq!(total, reachable(&sorted, hard_cap, usable));
+                // Demand caps hold when the first pass used everything; otherwise
+                // every weighted job reached its demand cap before the rest was shared.
+                let soft_filled = reachable(&sorted, |j| floor_and_cap(j).1, usable) == usable;
                 for (job, got) in sorted.iter().zip(&result.jobs) {
                     let (floor, cap) = floor_and_cap(job);
                     // Floors hold.
@@ -1243,7 +1321,12 @@ mod tests {
                         assert_eq!(got.requests, floor);
                     }
                     if total < usable && job.weight > 0 {
-                        assert_eq!(Some(got.requests), cap);
+                        assert_eq!(Some(got.requests), hard_cap(job));
+                    }
+                    match cap {
+                        Some(cap) if soft_filled => assert!(got.requests <= cap),
+                        Some(cap) if job.weight > 0 => assert!(got.requests >= cap),
+                        _ => {}
                     }
                 }
             }
@@ -1251,10 +1334,10 @@ mod tests {
 
         for (job, got) in sorted.iter().zip(&result.jobs) {
             assert_eq!(got.key, job.key);
-            // Caps hold, in every case: max, demand (above the floor), lending.
-            let (floor, cap) = floor_and_cap(job);
-            if let Some(cap) = cap {
-                assert!(got.requests <= cap);
+            // Hard caps hold in every case: max and lending.
+            let floor = floor_and_cap(job).0;
+            if let Some(cap) = hard_cap(job) {
+                assert!(got.requests <= cap.max(floor));
             }
             if let Some(max) = job.max_requests {
                 assert!(got.requests <= max);
@@ -1284,6 +1367,10 @@ mod tests {
         }
         let mut sorted: Vec<&JobRequest> = jobs.iter().collect();
         sorted.sort_by(|a, b| canonical_order(a, b));
+        // After a second pass the levels are those of the rest over the demand caps.
+        if refilled(&sorted, u64::from(result.budget.requests)) {
+            return;
+        }
         let extras: Vec<(i128, i128, bool)> = sorted
             .iter()
             .zip(&result.jobs)
