@@ -53,7 +53,7 @@ use saleslayer_operator::proxy::pacer::Limit;
 use saleslayer_operator::proxy::retry::{self, Outcome, RetryPolicy};
 use saleslayer_operator::proxy::{self, Proxy, ProxyConfig};
 use saleslayer_operator::simulator::{self, API_KEY_HEADER, SimulatorConfig, SimulatorStats};
-use saleslayer_operator::testenv::{self, ControlPlane};
+use saleslayer_operator::testenv;
 use serde_json::json;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -134,21 +134,9 @@ async fn bench() -> anyhow::Result<()> {
     );
 
     let scratch = tempfile::tempdir().context("scratch directory")?;
-    let plane = ControlPlane::start().await.context("control plane")?;
-    let client = plane.client().await.context("client")?;
-    testenv::install_crd(&client).await.context("CRD")?;
-    for namespace in [NAMESPACE, "saleslayer-system"] {
-        plane
-            .namespace(&client, namespace)
-            .await
-            .with_context(|| format!("namespace {namespace}"))?;
-    }
-    let (run, ports) = testenv::run_args("saleslayer-system");
-    tokio::spawn(saleslayer_operator::operator::run(
-        client.clone(),
-        run,
-        futures::future::pending(),
-    ));
+    let (_plane, client, ports) = testenv::with_operator(&[NAMESPACE])
+        .await
+        .context("control plane with the operator")?;
     let spec = serde_json::from_value(json!({
         "account": "acme-prod",
         "limit": {"requests": LIMIT, "periodSeconds": period.as_secs()},

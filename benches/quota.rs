@@ -116,26 +116,11 @@ async fn end_to_end() {
     use k8s_openapi::api::core::v1::ConfigMap;
     use kube::Api;
     use kube::api::PostParams;
-    use saleslayer_operator::testenv::ControlPlane;
 
-    let plane = ControlPlane::start().await.expect("control plane");
-    let client = plane.client().await.expect("client");
-    saleslayer_operator::testenv::install_crd(&client)
+    let (_plane, client, ports) = saleslayer_operator::testenv::with_operator(&["shop"])
         .await
-        .expect("CRD");
-    for namespace in ["shop", "saleslayer-system"] {
-        plane
-            .namespace(&client, namespace)
-            .await
-            .expect("namespace");
-    }
-    let (run, ports) = saleslayer_operator::testenv::run_args("saleslayer-system");
+        .expect("control plane with the operator");
     let quota_port = ports.quota;
-    tokio::spawn(saleslayer_operator::operator::run(
-        client.clone(),
-        run,
-        futures::future::pending(),
-    ));
 
     let spec = serde_json::from_value(
         json!({"account": "acme", "jobs": [{"name": "import", "weight": 1}]}),

@@ -17,7 +17,7 @@ use kube::Api;
 use kube::api::PostParams;
 use saleslayer_operator::api::SalesLayerIntegration;
 use saleslayer_operator::controller::plan::{self, AccountPlan, PodCounts, ValidatedIntegration};
-use saleslayer_operator::testenv::{ControlPlane, labelled_pod};
+use saleslayer_operator::testenv::labelled_pod;
 use saleslayer_operator::webhook::{self, mutate::Injection, mutate::IntegrationView};
 use serde_json::json;
 
@@ -149,24 +149,9 @@ async fn paced(pods: &Api<Pod>, template: &Pod, count: usize, rate: u32) -> Vec<
 }
 
 async fn end_to_end() {
-    let plane = ControlPlane::start().await.expect("control plane");
-    let client = plane.client().await.expect("client");
-    saleslayer_operator::testenv::install_crd(&client)
+    let (_plane, client, _) = saleslayer_operator::testenv::with_operator(&["shop"])
         .await
-        .expect("CRD");
-    for namespace in ["shop", "saleslayer-system"] {
-        plane
-            .namespace(&client, namespace)
-            .await
-            .expect("namespace");
-    }
-
-    let (args, _) = saleslayer_operator::testenv::run_args("saleslayer-system");
-    tokio::spawn(saleslayer_operator::operator::run(
-        client.clone(),
-        args,
-        futures::future::pending(),
-    ));
+        .expect("control plane with the operator");
     let slis = Api::<SalesLayerIntegration>::namespaced(client.clone(), "shop");
     let spec = serde_json::from_value(integration_spec(0)).expect("spec");
     slis.create(

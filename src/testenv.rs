@@ -546,6 +546,27 @@ pub fn run_args(namespace: &str) -> (crate::cli::RunArgs, OperatorPorts) {
     }
 }
 
+/// A control plane with the CRD, `namespaces` and `saleslayer-system`, and
+/// the whole operator running in this process out of cluster (until the
+/// process ends), as the benchmarks drive it.
+pub async fn with_operator(
+    namespaces: &[&str],
+) -> Result<(ControlPlane, Client, OperatorPorts), Error> {
+    let plane = ControlPlane::start().await?;
+    let client = plane.client().await?;
+    install_crd(&client).await?;
+    for namespace in namespaces.iter().copied().chain(["saleslayer-system"]) {
+        plane.namespace(&client, namespace).await?;
+    }
+    let (args, ports) = run_args("saleslayer-system");
+    tokio::spawn(crate::operator::run(
+        client.clone(),
+        args,
+        futures::future::pending(),
+    ));
+    Ok((plane, client, ports))
+}
+
 /// Apply the CRD and wait until the API server serves it.
 pub async fn install_crd(client: &Client) -> Result<(), kube::Error> {
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
