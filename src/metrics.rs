@@ -207,12 +207,29 @@ impl Default for Metrics {
 impl Metrics {
     /// The text exposition of every series.
     pub fn encode(&self) -> String {
-        let mut text = String::new();
-        if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
-            text.clear();
-        }
-        text
+        encode(&self.registry)
     }
+}
+
+/// The text exposition of `registry` (empty if encoding fails).
+pub fn encode(registry: &Registry) -> String {
+    let mut text = String::new();
+    if prometheus_client::encoding::text::encode(&mut text, registry).is_err() {
+        text.clear();
+    }
+    text
+}
+
+/// A `/metrics` answer: `text` as OpenMetrics.
+pub fn exposition(text: String) -> impl IntoResponse {
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
 }
 
 /// `/metrics`, `/healthz`, `/readyz`.
@@ -225,14 +242,7 @@ pub fn router(metrics: Arc<Metrics>) -> Router {
 }
 
 async fn metrics_handler(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
-    (
-        StatusCode::OK,
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        metrics.encode(),
-    )
+    exposition(metrics.encode())
 }
 
 /// Serve the router over HTTP until `shutdown` resolves.

@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -138,11 +137,7 @@ impl ProxyMetrics {
                 })
                 .set(on);
         }
-        let mut text = String::new();
-        if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
-            text.clear();
-        }
-        text
+        crate::metrics::encode(&self.registry)
     }
 }
 
@@ -157,12 +152,5 @@ pub fn router(metrics: Arc<ProxyMetrics>, gate: Arc<Gate>) -> Router {
 async fn scrape(
     State((metrics, gate)): State<(Arc<ProxyMetrics>, Arc<Gate>)>,
 ) -> impl IntoResponse {
-    (
-        StatusCode::OK,
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        metrics.encode(&gate),
-    )
+    crate::metrics::exposition(metrics.encode(&gate))
 }
