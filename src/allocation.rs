@@ -366,23 +366,14 @@ impl Limits {
         let floor = job
             .max_requests
             .map_or(job.min_requests, |max| job.min_requests.min(max));
-        let hard_cap = if job.lend_idle && job.live_pods == 0 {
-            Some(floor)
-        } else {
-            job.max_requests
-        };
-        let cap = if job.lend_idle && job.live_pods == 0 {
-            Some(floor)
-        } else {
-            match job.demand {
-                // A job that wants less than its floor still keeps its floor.
-                Some(demand) => Some(
-                    job.max_requests
-                        .map_or(demand, |max| max.min(demand))
-                        .max(floor),
-                ),
-                None => job.max_requests,
+        let idle = job.lend_idle && job.live_pods == 0;
+        let hard_cap = if idle { Some(floor) } else { job.max_requests };
+        let cap = match job.demand {
+            // A job that wants less than its floor still keeps its floor.
+            Some(demand) if !idle => {
+                Some(hard_cap.map_or(demand, |max| max.min(demand)).max(floor))
             }
+            _ => hard_cap,
         };
         Self {
             floor,
