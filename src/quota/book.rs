@@ -361,24 +361,28 @@ impl Account {
             Some(job) => job,
             None => self.jobs.entry(request.job.clone()).or_default(),
         };
-        let leasing = job.pods.len();
-        // The pod's place among the job's leasing pods, by name.
-        let rank = job
-            .pods
-            .keys()
-            .filter(|name| name.as_ref() < request.pod)
-            .count();
+        let leasing = job.pods.len() + usize::from(!job.pods.contains_key(request.pod));
+        let pods = u32::try_from(leasing).unwrap_or(u32::MAX);
+        // The pod's place among the job's leasing pods, by name: only an uneven
+        // split needs it, so an even one does not scan the job's pods.
+        let rank = if request.job_requests.is_multiple_of(pods.max(1)) {
+            0
+        } else {
+            job.pods
+                .keys()
+                .filter(|name| name.as_ref() < request.pod)
+                .count()
+        };
         let previous = job.pods.get_mut(request.pod);
         // A renewal replaces the pod's lease: its own grant does not count against it.
         let own = previous.as_ref().map_or(0, |lease| lease.units(base));
         job.granted = job.granted.saturating_sub(own);
         self.granted = self.granted.saturating_sub(own);
-        let leasing = leasing + usize::from(previous.is_none());
 
         let target = pod_target(
             request.job_requests,
             request.usable.period_millis,
-            u32::try_from(leasing).unwrap_or(u32::MAX),
+            pods,
             rank,
             request.max_concurrency,
         );
