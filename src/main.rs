@@ -132,8 +132,7 @@ fn simulate(args: SimulateArgs) -> ExitCode {
 
 fn proxy(args: ProxyArgs) -> ExitCode {
     init_tracing();
-    // The upstream client and the quota API client share one TLS provider.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    // The proxy installs the TLS provider its clients need itself.
     let served = tokio::runtime::Runtime::new()
         .map_err(anyhow::Error::from)
         .and_then(|runtime| {
