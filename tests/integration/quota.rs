@@ -444,24 +444,28 @@ async fn idle_demand_is_lent_and_returns_when_pods_queue() {
         ]
     };
 
+    // One round: product-import stays busy, price-sync reports `sent`/`queued`;
+    // then the allocations as status shows them.
+    let round = |sent: u64, queued: u64| {
+        let (quota, import_token, price_token) = (&quota, &import_token, &price_token);
+        let allocations = &allocations;
+        async move {
+            for (token, body) in [
+                (import_token, usage("import-0", "product-import", 30, 50)),
+                (price_token, usage("price-0", "price-sync", sent, queued)),
+            ] {
+                let (status, answer) = quota.post(Some(token), body).await;
+                if status != 200 {
+                    return Err(format!("{status} {answer}"));
+                }
+            }
+            allocations().await
+        }
+    };
+
     // Both busy: 40 split 1:3.
     eventually("10/30 while both queue", || async {
-        let (status, body) = quota
-            .post(
-                Some(&import_token),
-                usage("import-0", "product-import", 30, 50),
-            )
-            .await;
-        if status != 200 {
-            return Err(format!("{status} {body}"));
-        }
-        let (status, body) = quota
-            .post(Some(&price_token), usage("price-0", "price-sync", 10, 5))
-            .await;
-        if status != 200 {
-            return Err(format!("{status} {body}"));
-        }
-        let seen = allocations().await?;
+        let seen = round(10, 5).await?;
         if seen == want(10, 30) {
             Ok(())
         } else {
@@ -473,16 +477,7 @@ async fn idle_demand_is_lent_and_returns_when_pods_queue() {
     // price-sync idles (it keeps renewing, sends nothing, queues nothing): what
     // it leaves goes to product-import. How often it reports must not matter.
     eventually("price-sync lends its idle share", || async {
-        quota
-            .post(
-                Some(&import_token),
-                usage("import-0", "product-import", 30, 50),
-            )
-            .await;
-        quota
-            .post(Some(&price_token), usage("price-0", "price-sync", 0, 0))
-            .await;
-        let seen = allocations().await?;
+        let seen = round(0, 0).await?;
         match seen.as_slice() {
             [(_, price), (_, import)] if *price < 10 && price + import == 40 => Ok(()),
             _ => Err(format!("{seen:?}")),
@@ -492,16 +487,7 @@ async fn idle_demand_is_lent_and_returns_when_pods_queue() {
 
     // It queues again: its share comes back.
     eventually("price-sync gets its share back", || async {
-        quota
-            .post(
-                Some(&import_token),
-                usage("import-0", "product-import", 30, 50),
-            )
-            .await;
-        quota
-            .post(Some(&price_token), usage("price-0", "price-sync", 5, 40))
-            .await;
-        let seen = allocations().await?;
+        let seen = round(5, 40).await?;
         if seen == want(10, 30) {
             Ok(())
         } else {
