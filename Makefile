@@ -4,42 +4,67 @@
 CARGO   ?= cargo
 BIN     := target/testenv/bin
 DEMO    := target/demo
+# Where cargo builds (CARGO_TARGET_DIR when set) and where `make image` writes.
+TARGET  := $(or $(CARGO_TARGET_DIR),target)
+IMAGES  := $(or $(SALESLAYER_IMAGES),$(TARGET)/images)
+# The examples' batch client goes into the workload image when its crate exists.
+EXAMPLE_CRATES := $(if $(wildcard examples/catalog-sync/Cargo.toml),-p catalog-sync)
 
-.PHONY: all testenv build test unit integration lint crds demo demo-down bench bench-fleet clean
+.PHONY: all testenv testenv-node build test unit integration lint crds image e2e demo demo-down bench bench-fleet clean
 
 all: build
 
-## Build kube-apiserver, etcd and helm from tests/testenv's pinned Go modules
-## (only what is missing or whose go.sum changed).
+## Build kube-apiserver, etcd, helm and promtool from tests/testenv's pinned
+## Go modules (only what is missing or whose go.sum changed).
 testenv:
-	tests/testenv/build.sh
+	tests/testenv/build.sh control-plane
+
+## The node's parts too: kubelet, kube-controller-manager, kube-scheduler,
+## kube-proxy, containerd (+ shim, ctr), CoreDNS and the pause program; and
+## the Debian packages a node needs (runc, CNI plugins, iptables, ...).
+testenv-node:
+	scripts/node-packages.sh
+	tests/testenv/build.sh node
 
 build:
-	$(CARGO) build --bins
+	$(CARGO) build --workspace --bins
 
 ## Unit, property, doc and integration tests; the integration tests start a
 ## real etcd + kube-apiserver per test.
 test: testenv
-	$(CARGO) test --no-fail-fast
+	$(CARGO) test --workspace --no-fail-fast
 
 lint:
 	$(CARGO) fmt --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 ## Regenerate the committed CRD YAML from the Rust types (and the chart's copy).
 crds: build
-	target/debug/saleslayer-operator crd > crds/saleslayer.io_saleslayerintegrations.yaml
-	cp crds/saleslayer.io_saleslayerintegrations.yaml charts/saleslayer-operator/crds/
+	target/debug/saleslayer-operator crd --dir crds
+	cp crds/*.yaml charts/saleslayer-operator/crds/
 
-## A local control plane with the operator and the example integration;
-## `make demo-down` stops it.
-demo: testenv build
-	scripts/demo.sh
+## The images, without a container daemon, as docker-archive tarballs in
+## $(IMAGES): the operator's (what the Dockerfile's final stage gives, from
+## the release build), the node's pause image and the examples' workload.
+image: testenv-node
+	$(CARGO) build --release -p saleslayer-operator -p saleslayer-sidecar $(EXAMPLE_CRATES)
+	scripts/image.py
+
+## End-to-end tests on one real node (kubelet, containerd, kube-proxy,
+## CoreDNS in a network namespace of their own): the node's own teardown
+## tests, then the operator installed by its chart from its image.
+e2e: testenv-node image
+	scripts/e2e.sh
+
+## A node with the operator installed by its chart, the simulator as a pod
+## and the example workloads paced by their sidecars; `make demo-down`
+## stops and removes it all.
+demo: testenv-node image
+	$(CARGO) build -p saleslayer-testenv --bins
+	scripts/demo.sh up
 
 demo-down:
-	@for part in operator simulator testenv; do \
-	  if [ -f $(DEMO)/$$part.pid ]; then kill $$(cat $(DEMO)/$$part.pid) 2>/dev/null || true; rm -f $(DEMO)/$$part.pid; fi; \
-	done; echo "demo: stopped"
+	scripts/demo.sh down
 
 ## Benchmarks (not in CI; figures in BENCHMARKS.md): allocation in process, and
 ## the controller's convergence on the testenv with the release operator

@@ -33,19 +33,19 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, anyhow, bail};
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{Container, Namespace, Pod, PodSpec};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, conditions, wait, watcher};
 use kube::{Api, Client, ResourceExt};
-use saleslayer_operator::allocation::JobKey;
-use saleslayer_operator::api::{
-    ANNOTATION_LIMIT, JobStatus, LABEL_INTEGRATION, LABEL_JOB, SalesLayerIntegration,
-};
-use saleslayer_operator::controller::plan::{self, PodCounts, ValidatedIntegration};
-use saleslayer_operator::testenv::ControlPlane;
+use saleslayer_contract::{ANNOTATION_LIMIT, LABEL_INTEGRATION, LABEL_JOB};
+use saleslayer_core::account::ValidatedAccount;
+use saleslayer_core::allocation::JobKey;
+use saleslayer_core::api::{JobStatus, SalesLayerAccount, SalesLayerIntegration};
+use saleslayer_core::plan::{self, PodCounts, ValidatedIntegration};
+use saleslayer_testenv::ControlPlane;
 use serde_json::json;
 use tokio::sync::watch;
 
@@ -138,7 +138,7 @@ async fn bench() -> anyhow::Result<()> {
 
     // One change at a time.
     let requests_before = apiserver_requests(&client).await?;
-    let mut seed = Seed(0x5a1e_51a7);
+    let mut seed = fastrand::Rng::with_seed(0x5a1e_51a7);
     let mut runs = Changes::default();
     for n in 0..changes {
         let kind = if n % 2 == 0 {
@@ -146,8 +146,8 @@ async fn bench() -> anyhow::Result<()> {
         } else {
             ChangeKind::Weight
         };
-        let i = seed.below(INTEGRATIONS);
-        let job = seed.below(JOBS);
+        let i = seed.usize(0..INTEGRATIONS);
+        let job = seed.usize(0..JOBS);
         let sample = match kind {
             ChangeKind::AddPod => add_pod(&client, &observed, &mut model, i, job, n).await?,
             ChangeKind::Weight => {
@@ -422,6 +422,7 @@ fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
 /// library's own planning, the same the controller runs.
 #[derive(Default)]
 struct Model {
+    accounts: BTreeMap<String, ValidatedAccount>,
     integrations: BTreeMap<(String, String), ValidatedIntegration>,
     pods: PodCounts,
 }
@@ -445,12 +446,12 @@ impl Model {
     /// The statuses of every integration on `account`.
     fn expected(&self, account: &str) -> BTreeMap<(String, String), Expected> {
         let members = self.members(account);
-        let account_plan = plan::plan_account(&members, &self.pods);
+        let account_plan = plan::plan_account(&self.accounts[account], &members, &self.pods);
         let now = Time(Timestamp::UNIX_EPOCH);
         members
             .iter()
             .map(|member| {
-                let status = plan::desired_status(
+                let status = saleslayer_core::status::desired_status(
                     member,
                     &account_plan,
                     None,
@@ -493,9 +494,20 @@ fn job_name(j: usize) -> String {
     format!("job-{j}")
 }
 
+/// Account `n`: limits differ between accounts.
+fn account(n: usize) -> SalesLayerAccount {
+    let spec = json!({
+        "limit": {"requests": 500 + 100 * (n % 6), "periodSeconds": 10},
+        "headroomPercent": 20,
+    });
+    SalesLayerAccount::new(
+        &format!("account-{n:02}"),
+        serde_json::from_value(spec).expect("a valid account"),
+    )
+}
+
 /// Five consecutive integrations share an account, so each account spans five
-/// namespaces. Limits differ between accounts; weights, floors, caps and
-/// concurrency between jobs.
+/// namespaces. Weights, floors, caps and concurrency differ between jobs.
 fn integration(i: usize) -> SalesLayerIntegration {
     let account = i / PER_ACCOUNT;
     let jobs: Vec<serde_json::Value> = (0..JOBS)
@@ -512,8 +524,6 @@ fn integration(i: usize) -> SalesLayerIntegration {
         .collect();
     let spec = json!({
         "account": format!("account-{account:02}"),
-        "limit": {"requests": 500 + 100 * (account % 6), "periodSeconds": 10},
-        "headroomPercent": 20,
         "jobs": jobs,
     });
     let mut sli = SalesLayerIntegration::new(
@@ -525,39 +535,21 @@ fn integration(i: usize) -> SalesLayerIntegration {
 }
 
 fn pod(name: &str, integration: &str, job: &str) -> Pod {
-    let labels = [
-        (LABEL_INTEGRATION.to_owned(), integration.to_owned()),
-        (LABEL_JOB.to_owned(), job.to_owned()),
-    ];
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            labels: Some(labels.into()),
-            ..ObjectMeta::default()
-        },
-        spec: Some(PodSpec {
-            containers: vec![Container {
-                name: "main".into(),
-                image: Some("example.com/importer:1".into()),
-                ..Container::default()
-            }],
-            ..PodSpec::default()
-        }),
-        ..Pod::default()
-    }
+    saleslayer_testenv::labelled_pod(Some(name), None, integration, job)
 }
 
 async fn install_crd(client: &Client) -> anyhow::Result<()> {
     let crds = Api::<CustomResourceDefinition>::all(client.clone());
-    let crd = saleslayer_operator::api::crd();
-    let name = crd.name_any();
-    crds.create(&PostParams::default(), &crd).await?;
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        wait::await_condition(crds, &name, conditions::is_crd_established()),
-    )
-    .await
-    .context("the CRD was not Established within 30 s")??;
+    for crd in saleslayer_core::api::crds() {
+        let name = crd.name_any();
+        crds.create(&PostParams::default(), &crd).await?;
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            wait::await_condition(crds.clone(), &name, conditions::is_crd_established()),
+        )
+        .await
+        .context("the CRD was not Established within 30 s")??;
+    }
     Ok(())
 }
 
@@ -580,6 +572,16 @@ async fn fill(plane: &ControlPlane, client: &Client, model: &mut Model) -> anyho
         )
         .await?;
 
+    let accounts = Api::<SalesLayerAccount>::all(client.clone());
+    for n in 0..INTEGRATIONS.div_ceil(PER_ACCOUNT) {
+        let created = accounts
+            .create(&PostParams::default(), &account(n))
+            .await
+            .with_context(|| format!("creating account {n}"))?;
+        let valid = saleslayer_core::account::validate_account(&created)
+            .map_err(|e| anyhow!("account {n}: {e}"))?;
+        model.accounts.insert(valid.name.clone(), valid);
+    }
     let created: Vec<SalesLayerIntegration> = futures::stream::iter(0..INTEGRATIONS)
         .map(|i| {
             let api = Api::<SalesLayerIntegration>::namespaced(client.clone(), &namespace_of(i));
@@ -658,9 +660,13 @@ async fn check_annotations(client: &Client, model: &Model) -> anyhow::Result<usi
         else {
             continue;
         };
-        let account_plan = plans
-            .entry(member.account.clone())
-            .or_insert_with(|| plan::plan_account(&model.members(&member.account), &model.pods));
+        let account_plan = plans.entry(member.account.clone()).or_insert_with(|| {
+            plan::plan_account(
+                &model.accounts[&member.account],
+                &model.members(&member.account),
+                &model.pods,
+            )
+        });
         let want = plan::pod_limit(account_plan, &member.key(job)).map(|l| l.to_json());
         let seen = pod
             .metadata
@@ -947,7 +953,7 @@ async fn change_weight(
     client: &Client,
     observed: &Observed,
     model: &mut Model,
-    seed: &mut Seed,
+    seed: &mut fastrand::Rng,
     i: usize,
     j: usize,
 ) -> anyhow::Result<Sample> {
@@ -957,7 +963,7 @@ async fn change_weight(
     let before = model.expected(&account).remove(&key).map(|e| e.jobs);
     let mut weight = current.jobs[j].weight;
     for _ in 0..20 {
-        let candidate = 1 + u32::try_from(seed.below(10)).expect("below 10");
+        let candidate = 1 + seed.u32(0..10);
         if candidate == current.jobs[j].weight {
             continue;
         }
@@ -997,23 +1003,6 @@ async fn change_weight(
         returned,
     )
     .await)
-}
-
-/// splitmix64: a small deterministic generator, so every run makes the same changes.
-struct Seed(u64);
-
-impl Seed {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, bound: usize) -> usize {
-        usize::try_from(self.next() % bound as u64).expect("below a usize bound")
-    }
 }
 
 // ---------------------------------------------------------------------------

@@ -13,8 +13,8 @@
 //! documented 50 per 10 s). The integration declares that limit, headroom
 //! 20 % (usable 40 per period), `lendIdleCapacity: true` and 4 jobs of
 //! weight 1, and the 12 pods are real API objects admitted by the webhook and
-//! counted by the controller. Every worker sends `GET /products?page=N` with
-//! the account's one API key as soon as its previous answer is in. Each
+//! counted by the controller. Every worker pages through the catalog with
+//! `GET /catalog/rest/Catalog/Products?$top=10&$skipToken=…` and the account's one API key as soon as its previous answer is in. Each
 //! scenario runs on a fresh simulator for `FLEET_PERIODS` periods (default 60)
 //! and its `/stats` count what was served and throttled:
 //!
@@ -36,6 +36,9 @@
 //!
 //! Run: `make bench-fleet` (or `cargo bench --bench fleet`).
 
+#[path = "../tests/support/operator.rs"]
+mod support;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,16 +47,20 @@ use anyhow::{Context, bail};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::Api;
 use kube::api::{ListParams, PostParams};
-use saleslayer_operator::allocation::pod_share;
-use saleslayer_operator::api::{ANNOTATION_LIMIT, LABEL_INTEGRATION, SalesLayerIntegration};
-use saleslayer_operator::clock::{Clock, SystemClock};
-use saleslayer_operator::proxy::lease::{Identity, QuotaEndpoint, Renewer};
-use saleslayer_operator::proxy::metrics::CodeLabel;
-use saleslayer_operator::proxy::pacer::Limit;
-use saleslayer_operator::proxy::retry::{self, Outcome, RetryPolicy};
-use saleslayer_operator::proxy::{self, Proxy, ProxyConfig};
-use saleslayer_operator::simulator::{self, API_KEY_HEADER, SimulatorConfig, SimulatorStats};
-use saleslayer_operator::testenv;
+use saleslayer_contract::{ANNOTATION_LIMIT, LABEL_INTEGRATION};
+use saleslayer_core::allocation::pod_share;
+use saleslayer_core::api::SalesLayerIntegration;
+use saleslayer_runtime::clock::{Clock, SystemClock};
+use saleslayer_runtime::serve::ServeLimits;
+use saleslayer_sidecar::lease::{Identity, QuotaEndpoint, Renewer};
+use saleslayer_sidecar::metrics::CodeLabel;
+use saleslayer_sidecar::pacer::Limit;
+use saleslayer_sidecar::retry::{self, Outcome, RetryPolicy, ThrottleStatuses};
+use saleslayer_sidecar::{self as proxy, Proxy, ProxyConfig};
+use saleslayer_simulator::{
+    self as simulator, API_KEY_HEADER, PRODUCTS_PATH, SimulatorConfig, SimulatorStats,
+};
+use saleslayer_testenv as testenv;
 use serde_json::json;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -120,6 +127,7 @@ async fn bench() -> anyhow::Result<()> {
         max_attempts: 4,
         base_delay: period / 10,
         max_delay: period * 8 / 10,
+        throttle_statuses: ThrottleStatuses::default(),
     };
     println!(
         "fleet: simulator {LIMIT} requests per {period:?} (the documented 50/10 s ratio{}), one API key; \
@@ -134,13 +142,21 @@ async fn bench() -> anyhow::Result<()> {
     );
 
     let scratch = tempfile::tempdir().context("scratch directory")?;
-    let (_plane, client, ports) = testenv::with_operator(&[NAMESPACE])
-        .await
-        .context("control plane with the operator")?;
+    let (_plane, client, ports) = support::with_operator(&[NAMESPACE]).await;
+    support::account(
+        &client,
+        "acme-prod",
+        json!({
+            "limit": {"requests": LIMIT, "periodSeconds": period.as_secs()},
+            "headroomPercent": HEADROOM_PERCENT,
+            // The fleet measures pacing against a fixed budget; adaptation
+            // has its own scenario.
+            "adaptive": {"enabled": false},
+        }),
+    )
+    .await;
     let spec = serde_json::from_value(json!({
         "account": "acme-prod",
-        "limit": {"requests": LIMIT, "periodSeconds": period.as_secs()},
-        "headroomPercent": HEADROOM_PERCENT,
         "lendIdleCapacity": true,
         "jobs": JOBS.iter().map(|job| json!({"name": job, "weight": 1})).collect::<Vec<_>>(),
     }))
@@ -224,9 +240,33 @@ async fn bench() -> anyhow::Result<()> {
 
     println!("load average after the scenarios: {}", load_average());
     print_table(&results, period);
-    idle_and_return(&running, period).await?;
+    let idle_and_return = idle_and_return(&running, period).await?;
     running.stop();
     println!("load average at the end: {}", load_average());
+    let usable_per_second = f64::from(USABLE) / period.as_secs_f64();
+    let scenarios: Vec<serde_json::Value> = results
+        .iter()
+        .map(|m| {
+            let percent =
+                |served: u64, seconds: f64| 100.0 * served as f64 / seconds / usable_per_second;
+            json!({
+                "scenario": m.name,
+                "served": m.stats.accepted,
+                "throttled": m.stats.throttled,
+                "served_pct_of_usable": percent(m.stats.accepted, m.seconds),
+                "throttled_after_warm_up": m.warm_throttled,
+                "served_pct_of_usable_after_warm_up": percent(m.warm_accepted, m.warm_seconds),
+            })
+        })
+        .collect();
+    let headline = json!({
+        "bench": "fleet",
+        "period_seconds": period.as_secs(),
+        "periods": periods,
+        "scenarios": scenarios,
+        "idle_and_return": idle_and_return,
+    });
+    println!("BENCH {headline}");
     Ok(())
 }
 
@@ -498,6 +538,8 @@ async fn start_scenario(
             upstream_timeout: Duration::from_secs(10),
             limit_file: None,
             quota,
+            max_body: proxy::MAX_BODY,
+            serve: ServeLimits::default(),
         };
         let sidecar = Proxy::new(&config, clock.clone(), fastrand::Rng::new())
             .context("starting a sidecar")?;
@@ -582,7 +624,11 @@ impl Worker {
                 }
             }
             page += 1;
-            let url = format!("{}/products?page={}&pageSize=10", self.url, page % 100);
+            let url = format!(
+                "{}{PRODUCTS_PATH}?$top=10&$skipToken={}",
+                self.url,
+                (page % 100) * 10
+            );
             let mut attempt = 1;
             loop {
                 let sent = self.http.get(&url).header(API_KEY_HEADER, API_KEY).send();
@@ -597,7 +643,9 @@ impl Worker {
                             .headers()
                             .get("retry-after")
                             .and_then(|v| v.to_str().ok())
-                            .and_then(retry::parse_retry_after);
+                            .and_then(|v| {
+                                retry::parse_retry_after(v, std::time::SystemTime::now())
+                            });
                         let _ = response.bytes().await;
                         Outcome::Answer {
                             status,
@@ -609,7 +657,8 @@ impl Worker {
                 let Some((policy, rng)) = &mut self.retry else {
                     break;
                 };
-                let Some(delay) = policy.next_delay(attempt, outcome, rng.f64()) else {
+                // A GET: every failure may be retried.
+                let Some(delay) = policy.next_delay(attempt, outcome, true, rng.f64()) else {
                     break;
                 };
                 tokio::select! {
@@ -739,7 +788,7 @@ fn first_sustained(
 }
 
 /// With leases on: job 0 goes idle, then comes back.
-async fn idle_and_return(running: &Running, period: Duration) -> anyhow::Result<()> {
+async fn idle_and_return(running: &Running, period: Duration) -> anyhow::Result<serde_json::Value> {
     let usable = f64::from(USABLE) / period.as_secs_f64();
     let fair = usable / JOBS.len() as f64;
     let phase = Duration::from_secs(env_u64("FLEET_IDLE_SECONDS", 30)?).max(period * 12);
@@ -781,6 +830,25 @@ async fn idle_and_return(running: &Running, period: Duration) -> anyhow::Result<
             |d| format!("{:.2} s", d.as_secs_f64()),
         )
     };
+    let others_peak = first_sustained(idle, idle_at, period, |i| {
+        others_granted(i) >= peak_granted - 1e-9
+    });
+    let others_95_peak = first_sustained(idle, idle_at, period, |i| {
+        others_served(i) >= 0.95 * peak_granted
+    });
+    let others_95_usable =
+        first_sustained(idle, idle_at, period, |i| others_served(i) >= 0.95 * usable);
+    let back_grant_90_fair = first_sustained(&samples, back_at, period, |i| {
+        samples[i].granted[0] >= 0.9 * fair
+    });
+    let back_served_90_own = first_sustained(&samples, back_at, period, |i| {
+        rate(&samples, i, period)[0] >= 0.9 * steady[0]
+    });
+    let back_served_90_fair = first_sustained(&samples, back_at, period, |i| {
+        rate(&samples, i, period)[0] >= 0.9 * fair
+    });
+    let throttled_during = stats_after.throttled - stats_before.throttled;
+    let served_during = stats_after.accepted - stats_before.accepted;
     let rows = [
         (
             format!(
@@ -794,56 +862,40 @@ async fn idle_and_return(running: &Running, period: Duration) -> anyhow::Result<
                 "the others' grants reach their peak while it is idle ({:.1}/s → {peak_granted:.1}/s)",
                 granted_before[1..].iter().sum::<f64>()
             ),
-            show(first_sustained(idle, idle_at, period, |i| {
-                others_granted(i) >= peak_granted - 1e-9
-            })),
+            show(others_peak),
         ),
         (
             format!(
                 "the others serve ≥ 95 % of that peak ({:.1}/s; they served {steady_others:.1}/s before)",
                 0.95 * peak_granted
             ),
-            show(first_sustained(idle, idle_at, period, |i| {
-                others_served(i) >= 0.95 * peak_granted
-            })),
+            show(others_95_peak),
         ),
         (
             format!("the others serve ≥ 95 % of usable ({:.1}/s)", 0.95 * usable),
-            show(first_sustained(idle, idle_at, period, |i| {
-                others_served(i) >= 0.95 * usable
-            })),
+            show(others_95_usable),
         ),
         (
             format!(
                 "after it comes back: its grant ≥ 90 % of usable ÷ 4 ({:.1}/s)",
                 0.9 * fair
             ),
-            show(first_sustained(&samples, back_at, period, |i| {
-                samples[i].granted[0] >= 0.9 * fair
-            })),
+            show(back_grant_90_fair),
         ),
         (
             format!(
                 "… it serves ≥ 90 % of its own rate before ({:.1}/s)",
                 0.9 * steady[0]
             ),
-            show(first_sustained(&samples, back_at, period, |i| {
-                rate(&samples, i, period)[0] >= 0.9 * steady[0]
-            })),
+            show(back_served_90_own),
         ),
         (
             format!("… it serves ≥ 90 % of usable ÷ 4 ({:.1}/s)", 0.9 * fair),
-            show(first_sustained(&samples, back_at, period, |i| {
-                rate(&samples, i, period)[0] >= 0.9 * fair
-            })),
+            show(back_served_90_fair),
         ),
         (
             "429s at the simulator during idle and return".to_owned(),
-            format!(
-                "{} (of {} served)",
-                stats_after.throttled - stats_before.throttled,
-                stats_after.accepted - stats_before.accepted
-            ),
+            format!("{throttled_during} (of {served_during} served)"),
         ),
     ];
     println!();
@@ -855,5 +907,16 @@ async fn idle_and_return(running: &Running, period: Duration) -> anyhow::Result<
     for (what, figure) in rows {
         println!("| {what} | {figure} |");
     }
-    Ok(())
+    let seconds = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
+    Ok(json!({
+        "idle_job_lowest_grant_per_s": lowest_returning,
+        "others_reach_peak_grant_s": seconds(others_peak),
+        "others_serve_95pct_of_peak_s": seconds(others_95_peak),
+        "others_serve_95pct_of_usable_s": seconds(others_95_usable),
+        "back_grant_90pct_of_fair_s": seconds(back_grant_90_fair),
+        "back_serves_90pct_of_own_s": seconds(back_served_90_own),
+        "back_serves_90pct_of_fair_s": seconds(back_served_90_fair),
+        "throttled_during_idle_and_return": throttled_during,
+        "served_during_idle_and_return": served_during,
+    }))
 }

@@ -8,19 +8,23 @@
 //!
 //! Run: `make bench` (or `cargo bench --bench quota`).
 
-use std::sync::{Arc, Mutex, RwLock};
+#[path = "../tests/support/operator.rs"]
+mod support;
+
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ObjectMeta, PartialObjectMeta};
 use kube::runtime::{reflector, watcher};
-use saleslayer_operator::api::SalesLayerIntegration;
-use saleslayer_operator::controller::Stores;
-use saleslayer_operator::controller::index::PodIndex;
+use saleslayer_contract::{LeaseGrant, LeaseReport};
+use saleslayer_core::api::{SalesLayerAccount, SalesLayerIntegration};
+use saleslayer_core::lease_book::{LeaseBook, LeaseRequest};
 use saleslayer_operator::metrics::Metrics;
+use saleslayer_operator::quota::Quota;
 use saleslayer_operator::quota::auth::{Authenticator, Identity};
-use saleslayer_operator::quota::book::{LeaseBook, LeaseRequest};
-use saleslayer_operator::quota::{GrantBody, LeaseBody, Quota};
+use saleslayer_operator::state::PodIndex;
+use saleslayer_operator::state::Stores;
 use serde_json::json;
 
 const INTEGRATIONS: usize = 100;
@@ -84,17 +88,34 @@ fn stores() -> (Stores, Vec<(Identity, Vec<u8>)>) {
                         namespace: namespace.clone(),
                         service_account: "default".into(),
                         pod,
+                        uid: None,
                     },
                     body.to_string().into_bytes(),
                 ));
             }
         }
     }
+    let (accounts, mut account_writer) = reflector::store::<SalesLayerAccount>();
+    for n in 0..20 {
+        let account = SalesLayerAccount::new(
+            &format!("account-{n}"),
+            serde_json::from_value(json!({})).expect("account spec"),
+        );
+        account_writer.apply_watcher_event(&watcher::Event::Apply(account));
+    }
+    let (namespaces, _) = reflector::store();
     let stores = Stores {
+        accounts,
         integrations,
+        namespaces,
         pods,
         index: Arc::new(RwLock::new(index)),
-        demand: Arc::default(),
+        reports: Default::default(),
+        synced: Arc::new(saleslayer_operator::state::Synced {
+            accounts: true.into(),
+            integrations: true.into(),
+            namespaces: true.into(),
+        }),
     };
     (stores, calls)
 }
@@ -117,9 +138,8 @@ async fn end_to_end() {
     use kube::Api;
     use kube::api::PostParams;
 
-    let (_plane, client, ports) = saleslayer_operator::testenv::with_operator(&["shop"])
-        .await
-        .expect("control plane with the operator");
+    let (_plane, client, ports) = support::with_operator(&["shop"]).await;
+    support::account(&client, "acme", json!({})).await;
     let quota_port = ports.quota;
 
     let spec = serde_json::from_value(
@@ -147,13 +167,12 @@ async fn end_to_end() {
     let mut fleet = Vec::new();
     for n in 0..50 {
         let name = format!("import-{n}");
-        let pod =
-            saleslayer_operator::testenv::labelled_pod(Some(&name), None, "catalog", "import");
+        let pod = saleslayer_testenv::labelled_pod(Some(&name), None, "catalog", "import");
         let pod = pods
             .create(&PostParams::default(), &pod)
             .await
             .expect("pod");
-        let token = saleslayer_operator::testenv::pod_token(&client, &pod, 3600)
+        let token = saleslayer_testenv::pod_token(&client, &pod, 3600)
             .await
             .expect("token request")
             .expect("token");
@@ -230,19 +249,18 @@ fn in_process() {
         "https://127.0.0.1:1".parse().expect("url"),
     ))
     .expect("client");
-    let (changed, _changes) = tokio::sync::mpsc::unbounded_channel();
+    let (queues, _requested) = saleslayer_operator::controller::queues();
     let quota = Quota::new(
         stores,
         Authenticator::new(client),
-        Arc::new(Mutex::new(Default::default())),
-        changed,
+        queues,
         Metrics::default().quota,
     );
 
     let call = |(identity, body): &(Identity, Vec<u8>)| -> Vec<u8> {
-        let report: LeaseBody = serde_json::from_slice(body).expect("report");
-        let grant: GrantBody = quota
-            .grant(identity, &report, saleslayer_operator::quota::now_millis())
+        let report: LeaseReport = serde_json::from_slice(body).expect("report");
+        let grant: LeaseGrant = quota
+            .grant(identity, &report, saleslayer_runtime::clock::wall_millis())
             .expect("granted");
         serde_json::to_vec(&grant).expect("answer")
     };
@@ -270,12 +288,12 @@ fn in_process() {
     // Memory of the lease book alone: 10 000 live leases.
     let before = resident_kib();
     let mut book = LeaseBook::new(0, 15_000, 5_000);
-    let usable = saleslayer_operator::allocation::UsableBudget {
+    let usable = saleslayer_core::allocation::UsableBudget {
         requests: 1_000_000,
         period_millis: 10_000,
     };
     let keys: Vec<_> = (0..1000)
-        .map(|j| saleslayer_operator::allocation::JobKey {
+        .map(|j| saleslayer_core::allocation::JobKey {
             namespace: format!("ns-{}", j % 10),
             integration: format!("integration-{}", j / 10),
             job: format!("job-{}", j % 10),
@@ -291,7 +309,7 @@ fn in_process() {
                 pod: &pod,
                 job_requests: 1000,
                 max_concurrency: None,
-                static_share: saleslayer_operator::allocation::pod_share(1000, 10_000, 10, None),
+                static_share: saleslayer_core::allocation::pod_share(1000, 10_000, 10, None),
             };
             book.lease(1 + n as u64, &request);
         }

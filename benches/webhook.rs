@@ -10,49 +10,58 @@
 //!
 //! Run: `make bench` (or `cargo bench --bench webhook`).
 
+#[path = "../tests/support/operator.rs"]
+mod support;
+
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::PostParams;
-use saleslayer_operator::api::SalesLayerIntegration;
-use saleslayer_operator::controller::plan::{self, AccountPlan, PodCounts, ValidatedIntegration};
-use saleslayer_operator::testenv::labelled_pod;
-use saleslayer_operator::webhook::{self, mutate::Injection, mutate::IntegrationView};
+use saleslayer_core::account::{AccountProblem, ValidatedAccount, validate_account};
+use saleslayer_core::api::{SalesLayerAccount, SalesLayerIntegration};
+use saleslayer_core::injection::{Injection, IntegrationView};
+use saleslayer_core::plan::{self, AccountPlan, PodCounts, ValidatedIntegration};
+use saleslayer_operator::webhook;
+use saleslayer_testenv::labelled_pod;
 use serde_json::json;
 
-struct Account(Vec<ValidatedIntegration>);
+struct Account(ValidatedAccount, Vec<ValidatedIntegration>);
 
 impl IntegrationView for Account {
     fn integration(&self, namespace: &str, name: &str) -> Option<ValidatedIntegration> {
-        self.0
+        self.1
             .iter()
             .find(|i| i.namespace == namespace && i.name == name)
             .cloned()
     }
     fn integrations_in(&self, namespace: &str) -> Vec<String> {
-        self.0
+        self.1
             .iter()
             .filter(|i| i.namespace == namespace)
             .map(|i| i.name.clone())
             .collect()
     }
-    fn plan_with_new_pod(&self, integration: &ValidatedIntegration, job: &str) -> AccountPlan {
+    fn plan_with_new_pod(
+        &self,
+        integration: &ValidatedIntegration,
+        job: &str,
+    ) -> Result<AccountPlan, AccountProblem> {
         let mut pods = PodCounts::new();
-        for member in &self.0 {
+        for member in &self.1 {
             for spec in &member.jobs {
                 pods.insert(member.key(&spec.name), 10);
             }
         }
         *pods.entry(integration.key(job)).or_default() += 1;
-        plan::plan_account(&self.0, &pods)
+        Ok(plan::plan_account(&self.0, &self.1, &pods))
     }
 }
 
 fn integration_spec(index: usize) -> serde_json::Value {
     json!({"account": "acme-prod", "jobs": (0..5).map(|j| json!({
         "name": format!("job-{j}"), "weight": j + 1, "maxConcurrency": 8})).collect::<Vec<_>>(),
-        "retry": {"maxAttempts": 4}, "headroomPercent": 10 + index})
+        "retry": {"maxAttempts": 4 + index % 3}})
 }
 
 fn review(job: &str) -> Vec<u8> {
@@ -91,7 +100,11 @@ fn in_process() {
             plan::validate(&sli).expect("valid")
         })
         .collect();
-    let view = Account(members);
+    let account = SalesLayerAccount::new(
+        "acme-prod",
+        serde_json::from_value(json!({})).expect("account spec"),
+    );
+    let view = Account(validate_account(&account).expect("valid account"), members);
     let injection = Injection {
         quota_url: "https://saleslayer-operator-quota.saleslayer-system.svc:8443".into(),
         proxy_image: "saleslayer-operator:test".into(),
@@ -99,8 +112,8 @@ fn in_process() {
     };
     let bodies: Vec<Vec<u8>> = (0..5).map(|j| review(&format!("job-{j}"))).collect();
     for body in &bodies {
-        let (status, _) = webhook::respond(body, &view, &injection);
-        assert_eq!(status, webhook::StatusCode::OK);
+        let answer = webhook::respond(body, &view, &injection);
+        assert_eq!(answer.status, webhook::StatusCode::OK);
     }
     let mut samples = Vec::with_capacity(50_000);
     for i in 0..50_000 {
@@ -149,9 +162,8 @@ async fn paced(pods: &Api<Pod>, template: &Pod, count: usize, rate: u32) -> Vec<
 }
 
 async fn end_to_end() {
-    let (_plane, client, _) = saleslayer_operator::testenv::with_operator(&["shop"])
-        .await
-        .expect("control plane with the operator");
+    let (_plane, client, _) = support::with_operator(&["shop"]).await;
+    support::account(&client, "acme-prod", json!({})).await;
     let slis = Api::<SalesLayerIntegration>::namespaced(client.clone(), "shop");
     let spec = serde_json::from_value(integration_spec(0)).expect("spec");
     slis.create(

@@ -1,76 +1,119 @@
 #!/usr/bin/env bash
-# `make demo`: a local control plane, the operator (controller, webhook,
-# quota API, /metrics), the Sales Layer stand-in (`simulate`) and the example
-# integration with its pods; then the quota status as kubectl shows it.
-# `make demo-down` stops it all.
+# `make demo`: a real node (saleslayer-testenv node: kubelet, containerd,
+# kube-proxy, CoreDNS in a network namespace of their own, nothing leaves the
+# machine), the operator installed by its Helm chart from its own image, the
+# Sales Layer stand-in as a pod behind a Service, the example integration and
+# its workloads, whose sidecars pace their requests. Then what it looks like.
+# `kubectl port-forward` (on the host, through the API server and the
+# kubelet) puts the stand-in on localhost:18090 and the operator's /metrics
+# on localhost:18080.
+#   scripts/demo.sh up     (make demo)
+#   scripts/demo.sh down   (make demo-down): stops the forwards and the node;
+#                          its janitor removes every process, mount,
+#                          namespace and cgroup it made
 set -euo pipefail
 cd "$(dirname "$0")/.."
 demo=target/demo
+target=${CARGO_TARGET_DIR:-target}
+bin=${TESTENV_BIN:-target/testenv/bin}
+images=${SALESLAYER_IMAGES:-$target/images}
 mkdir -p "$demo"
 export KUBECONFIG="$PWD/$demo/kubeconfig"
+export HELM_CACHE_HOME="$PWD/$demo/helm/cache" HELM_CONFIG_HOME="$PWD/$demo/helm/config" HELM_DATA_HOME="$PWD/$demo/helm/data"
 
 running() { [[ -f "$demo/$1.pid" ]] && kill -0 "$(cat "$demo/$1.pid")" 2>/dev/null; }
+show() { echo; echo "\$ $*"; "$@"; }
+reference() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]]["reference"])' "$images/images.json" "$1"; }
 
-if running testenv; then
-  echo "demo: already running (make demo-down stops it)"
-  exit 0
-fi
-rm -f "$demo/kubeconfig"
-nohup target/debug/saleslayer-testenv "$demo/kubeconfig" > "$demo/testenv.log" 2>&1 &
-echo $! > "$demo/testenv.pid"
-for _ in $(seq 1 600); do
-  [[ -f "$demo/kubeconfig" ]] && break
-  running testenv || { cat "$demo/testenv.log"; exit 1; }
-  sleep 0.1
-done
-cat "$demo/testenv.log"
+down() {
+  for forward in simulator metrics; do
+    if running "$forward"; then kill "$(cat "$demo/$forward.pid")"; fi
+    rm -f "$demo/$forward.pid"
+  done
+  if running node; then
+    pid=$(cat "$demo/node.pid")
+    kill -TERM "$pid"
+    for _ in $(seq 1 600); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$pid" 2>/dev/null; then
+      echo "demo: the node (pid $pid) did not stop within 60 s; $demo/node.log says:" >&2
+      tail -5 "$demo/node.log" >&2
+      exit 1
+    fi
+  fi
+  rm -f "$demo/node.pid" "$demo/kubeconfig"
+  echo "demo: stopped and removed"
+}
 
-kubectl create namespace saleslayer-system > /dev/null
-kubectl apply -f crds/ > /dev/null
-kubectl wait --for=condition=Established --timeout=60s crd/saleslayerintegrations.saleslayer.io > /dev/null
+up() {
+  if running node; then
+    echo "demo: already running (make demo-down stops it); KUBECONFIG=$KUBECONFIG"
+    exit 0
+  fi
+  rm -f "$demo/kubeconfig"
+  local operator workload
+  operator=$(reference operator)
+  workload=$(reference workload)
+  nohup "$target/debug/saleslayer-testenv" node "$demo/kubeconfig" --image operator --image workload \
+    > "$demo/node.log" 2>&1 &
+  echo $! > "$demo/node.pid"
+  for _ in $(seq 1 1200); do
+    [[ -f "$demo/kubeconfig" ]] && break
+    running node || { cat "$demo/node.log"; exit 1; }
+    sleep 0.1
+  done
+  cat "$demo/node.log"
 
-# The Sales Layer stand-in: 50 requests per 10 s per X-API-KEY, 429 beyond.
-nohup target/debug/saleslayer-operator simulate --bind 127.0.0.1:18090 \
-  --requests 50 --period-seconds 10 > "$demo/simulator.log" 2>&1 &
-echo $! > "$demo/simulator.pid"
+  # The operator as users install it; the image is the local one, never
+  # pulled, and the sidecars' Sales Layer API is the stand-in's Service.
+  "$bin/helm" install saleslayer-operator charts/saleslayer-operator \
+    -n saleslayer-system --create-namespace \
+    --set image.repository="${operator%:*}" --set image.tag="${operator##*:}" \
+    --set image.pullPolicy=Never \
+    --set proxy.upstream=http://simulator.saleslayer-simulator.svc.cluster.local:8090 \
+    --wait --timeout 5m > /dev/null
+  sed "s|localhost/saleslayer-operator:[^ ]*|$operator|" examples/simulator.yaml | kubectl apply -f - > /dev/null
+  kubectl -n saleslayer-simulator rollout status deployment/simulator --timeout=120s > /dev/null
+  kubectl apply -f examples/account.yaml > /dev/null
+  kubectl apply -f examples/catalog.yaml > /dev/null
+  kubectl -n shop wait --for=condition=Ready --timeout=60s sli/catalog > /dev/null
+  sed "s|localhost/saleslayer-workload:[^ ]*|$workload|" examples/workload.yaml | kubectl apply -f - > /dev/null
+  for job in product-import price-sync stock-sync; do
+    kubectl -n shop rollout status "deployment/$job" --timeout=120s > /dev/null
+  done
+  nohup kubectl -n saleslayer-simulator port-forward svc/simulator 18090:8090 \
+    > "$demo/simulator-forward.log" 2>&1 &
+  echo $! > "$demo/simulator.pid"
+  nohup kubectl -n saleslayer-system port-forward svc/saleslayer-operator-metrics 18080:8080 \
+    > "$demo/metrics-forward.log" 2>&1 &
+  echo $! > "$demo/metrics.pid"
+  # Let the sidecars serve two windows of the account's period.
+  sleep 20
 
-nohup target/debug/saleslayer-operator run --kubeconfig "$KUBECONFIG" \
-  --namespace saleslayer-system \
-  --proxy-upstream http://127.0.0.1:18090 \
-  --webhook-bind 127.0.0.1:19443 --webhook-url https://127.0.0.1:19443/mutate \
-  --quota-bind 127.0.0.1:18443 --metrics-bind 127.0.0.1:18080 \
-  > "$demo/operator.log" 2>&1 &
-echo $! > "$demo/operator.pid"
-for _ in $(seq 1 300); do
-  kubectl get mutatingwebhookconfiguration saleslayer-operator > /dev/null 2>&1 && break
-  running operator || { cat "$demo/operator.log"; exit 1; }
-  sleep 0.1
-done
+  show kubectl get pods -A -o wide
+  show kubectl get sla
+  show kubectl -n shop get sli
+  pod=$(kubectl -n shop get pods -l app=product-import -o jsonpath='{.items[0].metadata.name}')
+  show kubectl -n shop logs "$pod" -c sync --tail=6
+  echo
+  echo "\$ kubectl -n shop get pod $pod -o jsonpath='{range .spec.containers[0].env[*]}{.name}={.value}{\"\\n\"}{end}'"
+  kubectl -n shop get pod "$pod" -o jsonpath='{range .spec.containers[0].env[*]}{.name}={.value}{"\n"}{end}'
+  echo "\$ kubectl -n shop get pod $pod -o jsonpath='{.metadata.annotations.saleslayer\.io/limit}'"
+  kubectl -n shop get pod "$pod" -o jsonpath='{.metadata.annotations.saleslayer\.io/limit}'
+  echo
+  echo
+  echo "\$ kubectl get --raw /api/v1/namespaces/shop/pods/$pod:8788/proxy/metrics | grep -E '^saleslayer_proxy_(requests|grant|lease)'"
+  kubectl get --raw "/api/v1/namespaces/shop/pods/$pod:8788/proxy/metrics" \
+    | grep -E '^saleslayer_proxy_(requests_total|grant_requests|grant_period|grant_source|lease_renewals)'
+  show curl -s localhost:18090/stats
+  echo
+  echo
+  echo "Running. Reach it with: export KUBECONFIG=$KUBECONFIG; kubectl get pods -A"
+  echo "The stand-in is on localhost:18090, the operator's /metrics on localhost:18080."
+  echo "Stop it with: make demo-down"
+}
 
-kubectl apply -f examples/catalog.yaml
-kubectl -n shop wait --for=condition=Ready --timeout=60s sli/catalog > /dev/null
-kubectl apply -f examples/pods.yaml
-kubectl -n shop wait --for=jsonpath='{.status.summary.pods}'=4 --timeout=60s sli/catalog > /dev/null
-
-echo
-echo '$ kubectl -n shop get sli'
-kubectl -n shop get sli
-echo
-echo '$ kubectl -n shop describe sli catalog'
-kubectl -n shop describe sli catalog
-echo
-echo '$ kubectl -n shop get pod product-import-0 -o jsonpath=...   (the env the webhook injected)'
-kubectl -n shop get pod product-import-0 \
-  -o jsonpath='{range .spec.containers[0].env[*]}{.name}={.value}{"\n"}{end}'
-for _ in $(seq 1 100); do
-  curl -sf localhost:18090/stats > /dev/null && break
-  running simulator || { cat "$demo/simulator.log"; exit 1; }
-  sleep 0.1
-done
-echo
-echo '$ curl -s -H "X-API-KEY: acme-prod" "localhost:18090/products?page=1&pageSize=2"   (the Sales Layer stand-in)'
-curl -s -H "X-API-KEY: acme-prod" "localhost:18090/products?page=1&pageSize=2"
-echo
-echo
-echo "Logs: $demo/operator.log, $demo/simulator.log; metrics: curl -s localhost:18080/metrics | grep saleslayer_"
-echo "Running. Reach it with: export KUBECONFIG=$KUBECONFIG; kubectl get sli -A   Stop it with: make demo-down"
+case "${1:-up}" in
+  up) up ;;
+  down) down ;;
+  *) echo "usage: $0 up|down" >&2; exit 2 ;;
+esac

@@ -13,7 +13,7 @@ use kube::{Api, Client};
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::api::SecretKeyRef;
+use saleslayer_core::api::SecretKeyRef;
 
 /// Attempts in all, the first included.
 pub const MAX_ATTEMPTS: u32 = 4;

@@ -218,19 +218,6 @@ fn url_host(url: &str) -> Option<String> {
     (!host.is_empty()).then(|| host.to_owned())
 }
 
-/// Certificates from files (cert-manager): CA, certificate and key PEM.
-pub fn from_files(ca: &str, cert: &str, key: &str) -> Result<(String, Serving), Error> {
-    let read =
-        |path: &str| std::fs::read_to_string(path).map_err(|e| Error::ReadFile(path.to_owned(), e));
-    Ok((
-        read(ca)?,
-        Serving {
-            cert_pem: read(cert)?,
-            key_pem: read(key)?,
-        },
-    ))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

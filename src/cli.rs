@@ -19,10 +19,10 @@ pub struct Cli {
 pub enum Command {
     /// Run the controller, the admission webhook, the quota API and /metrics.
     Run(Box<RunArgs>),
-    /// Print the SalesLayerIntegration CRD as YAML.
-    Crd,
+    /// Print the CRDs (SalesLayerAccount, SalesLayerIntegration) as YAML.
+    Crd(CrdArgs),
     /// Run the per-pod sidecar that paces, retries and reports.
-    Proxy(Box<ProxyArgs>),
+    Proxy(Box<saleslayer_sidecar::ProxyArgs>),
     /// Run a stand-in for the Sales Layer API that enforces a rate limit per API key.
     Simulate(SimulateArgs),
 }
@@ -95,87 +95,11 @@ pub struct RunArgs {
 }
 
 #[derive(Debug, Clone, Args)]
-pub struct ProxyArgs {
-    /// Local address the workload sends its Sales Layer requests to.
-    #[arg(long, env = "SALESLAYER_PROXY_BIND", default_value = "127.0.0.1:8787")]
-    pub bind: SocketAddr,
-    /// Address of the sidecar's /metrics and /healthz.
-    #[arg(
-        long,
-        env = "SALESLAYER_PROXY_METRICS_BIND",
-        default_value = "0.0.0.0:8788"
-    )]
-    pub metrics_bind: SocketAddr,
-    /// The Sales Layer API (or the simulator) to forward to.
-    #[arg(long, env = "SALESLAYER_UPSTREAM")]
-    pub upstream: Option<String>,
-    /// Requests that may wait for their turn; beyond it callers get 503 at once.
-    #[arg(long, env = "SALESLAYER_PROXY_QUEUE", default_value_t = 1024)]
-    pub queue: usize,
-    /// How long one upstream attempt may take.
-    #[arg(
-        long,
-        env = "SALESLAYER_PROXY_UPSTREAM_TIMEOUT_SECONDS",
-        default_value_t = 30
-    )]
-    pub upstream_timeout_seconds: u64,
-    /// This pod's share at admission (injected).
-    #[arg(long, env = "SALESLAYER_RATE_REQUESTS")]
-    pub rate_requests: Option<u32>,
-    /// Period of that share in milliseconds (injected).
-    #[arg(long, env = "SALESLAYER_RATE_PERIOD_MS")]
-    pub rate_period_ms: Option<u64>,
-    /// Concurrent upstream requests (injected).
-    #[arg(long, env = "SALESLAYER_MAX_CONCURRENCY", default_value_t = 1)]
-    pub max_concurrency: u32,
-    /// Attempts in all, the first included (injected).
-    #[arg(long, env = "SALESLAYER_RETRY_MAX_ATTEMPTS", default_value_t = 4)]
-    pub retry_max_attempts: u32,
-    /// Backoff base in milliseconds (injected).
-    #[arg(long, env = "SALESLAYER_RETRY_BASE_DELAY_MS", default_value_t = 1000)]
-    pub retry_base_delay_ms: u64,
-    /// Backoff ceiling in milliseconds (injected).
-    #[arg(long, env = "SALESLAYER_RETRY_MAX_DELAY_MS", default_value_t = 8000)]
-    pub retry_max_delay_ms: u64,
-    /// The downward-API file of the pod's limit annotation (injected).
-    #[arg(long, env = "SALESLAYER_LIMIT_FILE")]
-    pub limit_file: Option<PathBuf>,
-    /// The quota API (injected).
-    #[arg(long, env = "SALESLAYER_QUOTA_URL")]
-    pub quota_url: Option<String>,
-    /// The pod's projected token for the quota API (injected).
-    #[arg(long, env = "SALESLAYER_TOKEN_FILE")]
-    pub token_file: Option<PathBuf>,
-    /// The CA of the quota API's certificate (injected).
-    #[arg(long, env = "SALESLAYER_CA_FILE")]
-    pub ca_file: Option<PathBuf>,
-    /// The integration this pod belongs to (injected).
-    #[arg(long, env = "SALESLAYER_INTEGRATION")]
-    pub integration: Option<String>,
-    /// The job this pod runs (injected).
-    #[arg(long, env = "SALESLAYER_JOB")]
-    pub job: Option<String>,
-    /// The pod's namespace (downward API).
-    #[arg(long, env = "POD_NAMESPACE")]
-    pub namespace: Option<String>,
-    /// The pod's name (downward API).
-    #[arg(long, env = "POD_NAME")]
-    pub pod: Option<String>,
+pub struct CrdArgs {
+    /// Write each CRD to its file in this directory (as `crds/` holds them)
+    /// instead of printing them all.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
 }
 
-#[derive(Debug, Args)]
-pub struct SimulateArgs {
-    /// Address to serve the simulated API on.
-    #[arg(
-        long,
-        env = "SALESLAYER_SIMULATE_BIND",
-        default_value = "127.0.0.1:8090"
-    )]
-    pub bind: SocketAddr,
-    /// Requests allowed per API key in any window of the period.
-    #[arg(long, env = "SALESLAYER_SIMULATE_REQUESTS", default_value_t = 50)]
-    pub requests: u32,
-    /// Length of the window in seconds.
-    #[arg(long, env = "SALESLAYER_SIMULATE_PERIOD_SECONDS", default_value_t = 10)]
-    pub period_seconds: u32,
-}
+pub use saleslayer_simulator::SimulateArgs;

@@ -40,7 +40,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::controller::FIELD_MANAGER;
+use crate::FIELD_MANAGER;
 
 /// The label the leader puts on its own pod; the quota Service selects it.
 pub const LABEL_LEADER: &str = "saleslayer.io/leader";
@@ -81,8 +81,13 @@ impl Leadership {
     pub fn always() -> Self {
         let (_, rx) = watch::channel(Role::Leader {
             term: 1,
-            since_millis: crate::quota::now_millis(),
+            since_millis: saleslayer_runtime::clock::wall_millis(),
         });
+        Self(rx)
+    }
+
+    /// Follow the roles sent on `rx` (the election's channel).
+    pub fn from_receiver(rx: watch::Receiver<Role>) -> Self {
         Self(rx)
     }
 
@@ -252,7 +257,7 @@ pub fn register(registry: &mut Registry) -> Gauge {
 fn lead(tx: &watch::Sender<Role>, gauge: &Gauge, term: u64) {
     let _ = tx.send(Role::Leader {
         term,
-        since_millis: crate::quota::now_millis(),
+        since_millis: saleslayer_runtime::clock::wall_millis(),
     });
     gauge.set(1);
 }

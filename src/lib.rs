@@ -1,27 +1,36 @@
 //! saleslayer-operator keeps every workload that shares a Sales Layer account
-//! under the account's rate limit (50 requests per 10 seconds).
+//! under the account's rate limit (50 requests per 10 seconds). This crate is
+//! the operator process: the parts that talk to the API server and serve
+//! HTTPS, wired together by [`operator::run`].
 //!
 //! ```text
-//!  SalesLayerIntegration ──▶ controller ──▶ allocation (pure) ──▶ status + pod annotations
-//!          pods ──▶ webhook (injects each pod's share)      quota API ◀── sidecars / clients
+//!  SLI/pod watches ──▶ state (stores, pod index, reports) ──▶ controller ──▶ status + pod annotations
+//!                              │                                 ▲
+//!  API server ──▶ webhook ─────┤ (injects each pod's share)      │ reconcile on change
+//!  sidecars ───▶ quota API ────┘ (leases; reports ──▶ Reports) ──┘
+//!                 leader (Lease) decides who writes; certs, metrics, alerts serve them all
 //! ```
 //!
-//! The binary (`src/main.rs`) is a thin command line over these modules; see
-//! `DESIGN.md` for the contracts each one builds against.
+//! What to compute lives in `saleslayer-core` (pure: allocation, planning,
+//! status, injection, the books); what pods read lives in
+//! `saleslayer-contract`. Modules here may import those, the Kubernetes
+//! client and `saleslayer-runtime`, and each other only downwards:
+//! `operator` → {`controller`, `webhook`, `quota`} → {`state`, `leader`,
+//! `metrics`, `certs`, `alerts`}. Nothing here is test support: the test
+//! cluster is the `saleslayer-testenv` dev-dependency.
 #![forbid(unsafe_code)]
 
 pub mod alerts;
-pub mod allocation;
-pub mod api;
 pub mod certs;
 pub mod cli;
-pub mod clock;
 pub mod controller;
 pub mod leader;
 pub mod metrics;
 pub mod operator;
-pub mod proxy;
 pub mod quota;
-pub mod simulator;
-pub mod testenv;
+pub mod state;
+pub mod tls;
 pub mod webhook;
+
+/// The one field manager every write of the operator goes through.
+pub const FIELD_MANAGER: &str = "saleslayer-operator";

@@ -7,24 +7,37 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use saleslayer_operator::cli::{Cli, Command, ProxyArgs, RunArgs, SimulateArgs};
+use saleslayer_operator::cli::{Cli, Command, CrdArgs, RunArgs, SimulateArgs};
 use saleslayer_operator::operator;
+use saleslayer_runtime::{init_tracing, shutdown_signal};
+use saleslayer_sidecar::ProxyArgs;
+
+/// Logs by default: our own at info, the Kubernetes client only when it warns.
+const LOG_FILTER: &str = "info,kube_runtime=warn,kube_client=warn";
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Crd => print_crd(),
+        Command::Crd(args) => print_crd(&args),
         Command::Run(args) => run(*args),
         Command::Proxy(args) => proxy(*args),
         Command::Simulate(args) => simulate(args),
     }
 }
 
-fn print_crd() -> ExitCode {
-    match saleslayer_operator::api::crd_yaml() {
-        Ok(yaml) => {
-            print!("{yaml}");
-            ExitCode::SUCCESS
-        }
+fn print_crd(args: &CrdArgs) -> ExitCode {
+    use saleslayer_core::api::{CRD_FILES, crd_yaml, crds, crds_yaml};
+    let written = match &args.dir {
+        None => crds_yaml()
+            .map(|yaml| print!("{yaml}"))
+            .map_err(|e| e.to_string()),
+        Some(dir) => crds().iter().zip(CRD_FILES).try_for_each(|(crd, file)| {
+            let yaml = crd_yaml(crd).map_err(|e| e.to_string())?;
+            std::fs::write(dir.join(file), yaml)
+                .map_err(|e| format!("writing {}: {e}", dir.join(file).display()))
+        }),
+    };
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("saleslayer-operator crd: {error}");
             ExitCode::FAILURE
@@ -33,7 +46,7 @@ fn print_crd() -> ExitCode {
 }
 
 fn run(args: RunArgs) -> ExitCode {
-    init_tracing();
+    init_tracing(LOG_FILTER);
     // One TLS provider for the whole process (kube, the webhook server).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -76,51 +89,10 @@ async fn operate(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-    tracing::info!("shutting down");
-}
-
-/// JSON logs in a cluster or when piped; readable text on a terminal.
-fn init_tracing() {
-    use std::io::IsTerminal;
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,kube_runtime=warn,kube_client=warn"));
-    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if in_cluster || !std::io::stderr().is_terminal() {
-        builder.json().with_writer(std::io::stderr).init();
-    } else {
-        builder.with_writer(std::io::stderr).init();
-    }
-}
-
 fn simulate(args: SimulateArgs) -> ExitCode {
-    init_tracing();
-    let config = saleslayer_operator::simulator::SimulatorConfig {
-        requests: args.requests,
-        period: std::time::Duration::from_secs(args.period_seconds.into()),
-    };
-    let served = tokio::runtime::Runtime::new().and_then(|runtime| {
-        runtime.block_on(saleslayer_operator::simulator::serve(
-            args.bind,
-            config,
-            shutdown_signal(),
-        ))
-    });
+    init_tracing(LOG_FILTER);
+    let served = tokio::runtime::Runtime::new()
+        .and_then(|runtime| runtime.block_on(saleslayer_simulator::run(args, shutdown_signal())));
     match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -131,17 +103,15 @@ fn simulate(args: SimulateArgs) -> ExitCode {
 }
 
 fn proxy(args: ProxyArgs) -> ExitCode {
-    init_tracing();
-    // The proxy installs the TLS provider its clients need itself.
+    init_tracing(LOG_FILTER);
+    // The same sidecar as `saleslayer-sidecar`; it installs its TLS provider itself.
     let served = tokio::runtime::Runtime::new()
-        .map_err(anyhow::Error::from)
-        .and_then(|runtime| {
-            runtime.block_on(saleslayer_operator::proxy::run(args, shutdown_signal()))
-        });
+        .map_err(saleslayer_sidecar::RunError::Serve)
+        .and_then(|runtime| runtime.block_on(saleslayer_sidecar::run(args, shutdown_signal())));
     match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!("proxy: {error:#}");
+            tracing::error!("proxy: {error}");
             ExitCode::FAILURE
         }
     }

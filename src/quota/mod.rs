@@ -3,44 +3,51 @@
 //! the last call; the answer is their grant.
 //!
 //! ```text
-//!  bearer token ──▶ TokenReview (cached) ──▶ identity check ──▶ throttle book ──▶ lease book ──▶ grant
+//!  decode ──▶ authenticate (TokenReview, cached) ──▶ authorize ──▶ record the report ──▶ lease ──▶ grant
+//!                                                   (stores)      (Reports: demand,     (lease book)
+//!                                                                  throttling)
 //! ```
 //!
 //! Nothing in a report is trusted beyond its own pod: the token names the
 //! pod, the pod must be the one in the body and carry that integration's and
-//! job's labels (read from the controller's store, not from the body). The
-//! books are pure (`book`, `throttle`); this module does the I/O around them.
-//! Only the leader answers (a follower says 503 `NotLeader`), and each new
-//! leadership term starts with fresh books, as after a restart.
+//! job's labels (read from the operator's store, not from the body). Each
+//! step after authentication is a function of the stores and the report, so
+//! the tests below drive it with objects fed into the stores and no API
+//! server. The books are pure (`saleslayer_core::{lease_book, demand,
+//! throttle}`); this module does the I/O around them. Only the leader
+//! answers (a follower says 503 `NotLeader`), and each new leadership term
+//! starts with fresh books, as after a restart.
 
 pub mod auth;
-pub mod book;
-pub mod demand;
-pub mod throttle;
+mod error;
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use kube::runtime::reflector::ObjectRef;
-use serde::{Deserialize, Serialize};
-use serde_json::json;
-use tokio::sync::mpsc;
+use saleslayer_contract::{LABEL_INTEGRATION, LABEL_JOB, LEASES_PATH, LeaseGrant, LeaseReport};
+use saleslayer_core::account::ValidatedAccount;
+use saleslayer_core::allocation::{JobAllocation, JobKey};
+use saleslayer_core::demand;
+use saleslayer_core::lease_book::{LeaseBook, LeaseRequest};
+use saleslayer_core::plan::{self, AccountPlan, ValidatedIntegration};
+use saleslayer_core::throttle;
+use saleslayer_runtime::clock::{millis, wall_millis};
 
-use crate::allocation::JobKey;
-use crate::api::{LABEL_INTEGRATION, LABEL_JOB, SalesLayerIntegration};
-use crate::controller::{Stores, plan};
+use crate::controller::Queues;
 use crate::leader::{Leadership, Role};
 use crate::metrics::{CodeLabels, JobLabels, OutcomeLabels, QuotaMetrics};
+use crate::state::{Reports, Stores};
 use auth::{Authenticator, Identity};
-use book::{LeaseBook, LeaseRequest};
-use throttle::ThrottleBook;
+pub use error::QuotaError;
 
 /// The largest report accepted.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -49,76 +56,6 @@ pub const LEASE_TTL: Duration = Duration::from_secs(15);
 /// How often pods should renew.
 pub const LEASE_REFRESH: Duration = Duration::from_secs(5);
 
-/// A pod's report: who it is and what it did since its previous call.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct LeaseBody {
-    pub namespace: String,
-    pub integration: String,
-    pub job: String,
-    pub pod: String,
-    #[serde(default)]
-    pub usage: Usage,
-}
-
-/// Usage since the previous call.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Usage {
-    #[serde(default)]
-    pub requests: u64,
-    #[serde(default)]
-    pub by_status: std::collections::BTreeMap<String, u64>,
-    #[serde(default)]
-    pub throttled: u64,
-    #[serde(default)]
-    pub retries: u64,
-    #[serde(default)]
-    pub peak_concurrency: u64,
-    /// Unmet demand: requests waiting for capacity.
-    #[serde(default)]
-    pub queued: u64,
-}
-
-/// The answer: the pod's grant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct GrantBody {
-    pub requests: u32,
-    pub period_millis: u64,
-    pub max_concurrency: u32,
-    pub ttl_millis: u64,
-    pub refresh_millis: u64,
-}
-
-/// An answer that is not a grant: a status code and a JSON body.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
-    pub status: StatusCode,
-    pub reason: &'static str,
-    pub message: String,
-}
-
-impl Refusal {
-    fn new(status: StatusCode, reason: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            reason,
-            message: message.into(),
-        }
-    }
-}
-
-impl IntoResponse for Refusal {
-    fn into_response(self) -> Response {
-        (
-            self.status,
-            axum::Json(json!({"error": self.message, "reason": self.reason})),
-        )
-            .into_response()
-    }
-}
-
 /// The quota API's state, shared with the controller.
 pub struct Quota {
     stores: Stores,
@@ -126,31 +63,42 @@ pub struct Quota {
     leases: Mutex<TermBook>,
     /// Only the leader answers; a new term starts the books afresh.
     leadership: Leadership,
-    /// Throttled responses per job and window; read by the controller.
-    pub throttling: Arc<Mutex<ThrottleBook>>,
-    /// Integrations whose throttling changed, for the controller to reconcile.
-    changed: mpsc::UnboundedSender<ObjectRef<SalesLayerIntegration>>,
+    /// Where reports that change what the controller would write are queued.
+    queues: Queues,
     metrics: QuotaMetrics,
 }
 
+/// A report whose pod may speak for the job it names, on an account that
+/// takes its integration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Authorized {
+    pub integration: ValidatedIntegration,
+    pub account: ValidatedAccount,
+    pub key: JobKey,
+}
+
+/// What recording a report changed, beyond the books themselves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recorded {
+    /// The job's count of throttled windows moved: its status changes.
+    pub throttling_changed: bool,
+    /// The job's demand moved enough to re-plan its account (lending only).
+    pub demand_moved: bool,
+    /// The account's window became throttled: its budget may have to drop.
+    pub account_throttled: bool,
+}
+
 impl Quota {
-    pub fn new(
-        stores: Stores,
-        auth: Authenticator,
-        throttling: Arc<Mutex<ThrottleBook>>,
-        changed: mpsc::UnboundedSender<ObjectRef<SalesLayerIntegration>>,
-        metrics: QuotaMetrics,
-    ) -> Self {
+    pub fn new(stores: Stores, auth: Authenticator, queues: Queues, metrics: QuotaMetrics) -> Self {
         Self {
             stores,
             auth,
             leases: Mutex::new(TermBook {
                 term: None,
-                book: LeaseBook::new(now_millis(), millis(LEASE_TTL), millis(LEASE_REFRESH)),
+                book: LeaseBook::new(wall_millis(), millis(LEASE_TTL), millis(LEASE_REFRESH)),
             }),
             leadership: Leadership::always(),
-            throttling,
-            changed,
+            queues,
             metrics,
         }
     }
@@ -161,197 +109,71 @@ impl Quota {
     }
 
     /// The current term, or 503 `NotLeader` on a follower.
-    fn leading(&self) -> Result<(u64, u64), Refusal> {
+    fn leading(&self) -> Result<(u64, u64), QuotaError> {
         match self.leadership.role() {
             Role::Leader { term, since_millis } => Ok((term, since_millis)),
-            Role::Follower => Err(Refusal::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "NotLeader",
-                "this replica is not the leader; the quota Service routes to the leader, try again shortly",
-            )),
+            Role::Follower => Err(QuotaError::NotLeader),
         }
     }
 
     /// The lease book of the current term: a replica that becomes leader
     /// starts empty books, as after a restart (grants capped at the static
     /// shares for one TTL from the moment it took over).
-    fn books(&self, term: u64, since_millis: u64) -> Result<MutexGuard<'_, TermBook>, Refusal> {
-        let mut books = self.leases.lock().map_err(|_| internal())?;
+    fn books(&self, term: u64, since_millis: u64) -> Result<MutexGuard<'_, TermBook>, QuotaError> {
+        let mut books = self.leases.lock().map_err(|_| QuotaError::Internal)?;
         if books.term != Some(term) {
             books.term = Some(term);
             books.book = LeaseBook::new(since_millis, millis(LEASE_TTL), millis(LEASE_REFRESH));
-            if let Ok(mut throttling) = self.throttling.lock() {
-                *throttling = ThrottleBook::default();
-            }
-            if let Ok(mut demand) = self.stores.demand.write() {
-                *demand = demand::DemandBook::default();
-            }
+            self.stores.reports.reset();
         }
         Ok(books)
     }
 
-    /// Handle one call: authenticate, check identity, record, grant.
+    /// Handle one call: decode, authenticate, then [`Quota::grant`].
     pub async fn lease(
         &self,
         headers: &HeaderMap,
         body: Result<Bytes, BytesRejection>,
-    ) -> Result<GrantBody, Refusal> {
-        // Before anything costly (a TokenReview): followers do not answer.
+        peer: Option<IpAddr>,
+    ) -> Result<LeaseGrant, QuotaError> {
+        // Before anything costly (a TokenReview): followers do not answer,
+        // and neither does a leader whose stores have not listed the cluster.
         self.leading()?;
-        let token = auth::bearer(headers).ok_or_else(|| {
-            Refusal::new(StatusCode::UNAUTHORIZED, "NoToken", "an Authorization: Bearer token is required (the pod's projected service-account token)")
-        })?;
-        let bytes = body.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                Refusal::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "BodyTooLarge",
-                    format!("the report is larger than {MAX_BODY} bytes"),
-                )
-            } else {
-                Refusal::new(
-                    StatusCode::BAD_REQUEST,
-                    "UnreadableBody",
-                    rejection.body_text(),
-                )
-            }
-        })?;
-        if bytes.len() > MAX_BODY {
-            return Err(Refusal::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "BodyTooLarge",
-                format!("the report is larger than {MAX_BODY} bytes"),
-            ));
+        if !self.stores.synced() {
+            return Err(QuotaError::NotReady);
         }
-        let report: LeaseBody = serde_json::from_slice(&bytes).map_err(|error| {
-            Refusal::new(
-                StatusCode::BAD_REQUEST,
-                "MalformedReport",
-                format!("the body is not a lease request: {error}"),
-            )
-        })?;
-        let identity = self.auth.authenticate(token).await?;
-        self.grant(&identity, &report, now_millis())
+        let token = auth::bearer(headers).ok_or(QuotaError::NoToken)?;
+        let report = decode(body)?;
+        let identity = self.auth.authenticate(token, peer).await?;
+        self.grant(&identity, &report, wall_millis())
     }
 
-    /// Everything after authentication, from memory only.
+    /// Everything after authentication, from memory only: authorize, record
+    /// the report, lease.
     pub fn grant(
         &self,
         identity: &Identity,
-        report: &LeaseBody,
+        report: &LeaseReport,
         now: u64,
-    ) -> Result<GrantBody, Refusal> {
+    ) -> Result<LeaseGrant, QuotaError> {
         let (term, since_millis) = self.leading()?;
         // Start the term's books before the report touches them.
         drop(self.books(term, since_millis)?);
-        if identity.namespace != report.namespace || identity.pod != report.pod {
-            return Err(Refusal::new(
-                StatusCode::FORBIDDEN,
-                "NotYourPod",
-                format!(
-                    "the token belongs to pod {}/{}, not {}/{}",
-                    identity.namespace, identity.pod, report.namespace, report.pod
-                ),
-            ));
-        }
-        let integration_ref = ObjectRef::new(&report.integration).within(&report.namespace);
-        let Some(integration) = self
-            .stores
-            .integrations
-            .get(&integration_ref)
-            .and_then(|sli| plan::validate(&sli).ok())
-        else {
-            return Err(Refusal::new(
-                StatusCode::NOT_FOUND,
-                "UnknownIntegration",
-                format!(
-                    "no SalesLayerIntegration {}/{}",
-                    report.namespace, report.integration
-                ),
-            ));
-        };
-        if !integration.jobs.iter().any(|j| j.name == report.job) {
-            let jobs: Vec<&str> = integration.jobs.iter().map(|j| j.name.as_str()).collect();
-            return Err(Refusal::new(
-                StatusCode::NOT_FOUND,
-                "UnknownJob",
-                format!(
-                    "job {:?} is not registered in {}/{}; registered jobs: {}",
-                    report.job,
-                    report.namespace,
-                    report.integration,
-                    jobs.join(", ")
-                ),
-            ));
-        }
-        self.check_pod_labels(report)?;
-
-        let key = integration.key(&report.job);
-        let account_plan = self.stores.account_plan(&integration.account, None, now);
-        let Some(job) = account_plan.job(&key) else {
-            return Err(Refusal::new(
-                StatusCode::NOT_FOUND,
-                "UnknownJob",
-                format!("job {:?} has no allocation", report.job),
-            ));
-        };
-
-        let throttled_before;
-        let throttled_after;
-        {
-            let mut throttling = self.throttling.lock().map_err(|_| internal())?;
-            let window = throttle::window_of(now, account_plan.budget.period_millis);
-            throttled_before = throttling.job(&key).map(|t| t.throttled_windows(window));
-            throttling.report(
-                &key,
-                report.usage.throttled,
-                now,
-                account_plan.budget.period_millis,
-            );
-            throttled_after = throttling.job(&key).map(|t| t.throttled_windows(window));
-        }
-        if throttled_before != throttled_after {
-            let _ = self.changed.send(integration_ref.clone());
-        }
-        // Demand moves capacity between jobs only where lending is on; then
-        // every integration on the account is re-planned.
-        if integration.lend_idle_capacity {
-            let seen = demand::Report {
-                job: &key,
-                pod: &report.pod,
-                sent: report.usage.requests,
-                queued: report.usage.queued,
-            };
-            let moved = self
-                .stores
-                .demand
-                .write()
-                .map(|mut book| book.report(seen, now, account_plan.budget.period_millis))
-                .unwrap_or(false);
-            if moved {
-                for sibling in self.stores.on_account(&integration.account) {
-                    let _ = self.changed.send(sibling);
-                }
-            }
-        }
-
-        let job_max_concurrency = integration
-            .jobs
-            .iter()
-            .find(|j| j.name == report.job)
-            .and_then(|j| j.max_concurrency);
-        let request = LeaseRequest {
-            account: &integration.account,
-            usable: account_plan.budget,
-            job: &key,
-            pod: &report.pod,
-            job_requests: job.requests,
-            max_concurrency: job_max_concurrency,
-            static_share: job.per_pod,
-        };
+        let authorized = authorize(&self.stores, identity, report)?;
+        let account_plan = self.stores.account_plan(&authorized.account, None, now);
+        let job = allocation_of(&account_plan, &authorized, report)?;
+        let recorded = record(
+            &self.stores.reports,
+            &authorized,
+            report,
+            &account_plan,
+            now,
+        );
+        self.notify(&authorized, recorded);
+        let request = lease_request(&authorized, &account_plan, job, &report.pod);
         let grant = self.books(term, since_millis)?.book.lease(now, &request);
-        self.record(report);
-        Ok(GrantBody {
+        self.count(&authorized.key, report);
+        Ok(LeaseGrant {
             requests: grant.share.requests,
             period_millis: grant.share.period_millis,
             max_concurrency: grant.share.max_concurrency,
@@ -360,79 +182,62 @@ impl Quota {
         })
     }
 
-    /// Count an accepted report in the metrics.
-    fn record(&self, report: &LeaseBody) {
-        let labels = JobLabels {
-            namespace: report.namespace.clone(),
-            integration: report.integration.clone(),
-            job: report.job.clone(),
-        };
-        let usage = &report.usage;
-        for (code, count) in &usage.by_status {
-            // Only three-digit codes: a label per arbitrary string would let
-            // a pod grow the series without bound.
-            if code.len() == 3 && code.bytes().all(|b| b.is_ascii_digit()) {
-                self.metrics
-                    .requests
-                    .get_or_create(&CodeLabels {
-                        namespace: labels.namespace.clone(),
-                        integration: labels.integration.clone(),
-                        job: labels.job.clone(),
-                        code: code.clone(),
-                    })
-                    .inc_by(*count);
+    /// Queue what a report changed: the integration's status, its
+    /// account's plan (demand), its account's budget (throttling).
+    fn notify(&self, authorized: &Authorized, recorded: Recorded) {
+        let integration = &authorized.integration;
+        if recorded.demand_moved {
+            for sibling in self.stores.on_account(&integration.account) {
+                let _ = self.queues.integrations.send(sibling);
             }
+        } else if recorded.throttling_changed {
+            let _ = self
+                .queues
+                .integrations
+                .send(ObjectRef::new(&integration.name).within(&integration.namespace));
         }
-        self.metrics
-            .throttled
-            .get_or_create(&labels)
-            .inc_by(usage.throttled);
-        self.metrics
-            .retries
-            .get_or_create(&labels)
-            .inc_by(usage.retries);
-        self.metrics
+        if recorded.account_throttled {
+            let _ = self
+                .queues
+                .accounts
+                .send(ObjectRef::new(&integration.account));
+        }
+    }
+
+    /// Count an accepted report in the metrics: every counter saturates,
+    /// and status codes are bounded per job (see `QuotaMetrics::code_label`).
+    fn count(&self, key: &JobKey, report: &LeaseReport) {
+        let labels = JobLabels::of(key);
+        let usage = &report.usage;
+        let metrics = &self.metrics;
+        for (code, count) in &usage.by_status {
+            let code = metrics.code_label(key, code);
+            crate::metrics::count(
+                &metrics.requests.get_or_create(&CodeLabels::of(key, &code)),
+                *count,
+            );
+        }
+        crate::metrics::count(&metrics.throttled.get_or_create(&labels), usage.throttled);
+        crate::metrics::count(&metrics.retries.get_or_create(&labels), usage.retries);
+        metrics
             .peak_concurrency
             .get_or_create(&labels)
             .set(i64::try_from(usage.peak_concurrency).unwrap_or(i64::MAX));
-        self.metrics
+        metrics
             .queued
             .get_or_create(&labels)
             .set(i64::try_from(usage.queued).unwrap_or(i64::MAX));
-        self.metrics.lease_grants.get_or_create(&labels).inc();
+        crate::metrics::count(&metrics.lease_grants.get_or_create(&labels), 1);
     }
 
     /// Count a refused call by its reason.
-    pub fn refused(&self, refusal: &Refusal) {
+    pub fn refused(&self, error: &QuotaError) {
         self.metrics
             .lease_refusals
             .get_or_create(&OutcomeLabels {
-                outcome: refusal.reason.to_owned(),
+                outcome: error.reason().to_owned(),
             })
             .inc();
-    }
-
-    fn check_pod_labels(&self, report: &LeaseBody) -> Result<(), Refusal> {
-        let pod_ref = ObjectRef::new(&report.pod).within(&report.namespace);
-        let labels = self
-            .stores
-            .pods
-            .get(&pod_ref)
-            .and_then(|pod| pod.metadata.labels.clone())
-            .unwrap_or_default();
-        let carries = |key: &str, value: &str| labels.get(key).is_some_and(|v| v == value);
-        if carries(LABEL_INTEGRATION, &report.integration) && carries(LABEL_JOB, &report.job) {
-            Ok(())
-        } else {
-            Err(Refusal::new(
-                StatusCode::FORBIDDEN,
-                "PodNotInJob",
-                format!(
-                    "pod {}/{} does not carry labels {LABEL_INTEGRATION}={} and {LABEL_JOB}={}",
-                    report.namespace, report.pod, report.integration, report.job
-                ),
-            ))
-        }
     }
 
     /// Drop the lease of a pod that went away.
@@ -446,8 +251,187 @@ impl Quota {
     pub fn live_leases(&self) -> usize {
         self.leases
             .lock()
-            .map(|l| l.book.live_leases(now_millis()))
+            .map(|l| l.book.live_leases(wall_millis()))
             .unwrap_or(0)
+    }
+}
+
+/// The body as a report, or why not.
+fn decode(body: Result<Bytes, BytesRejection>) -> Result<LeaseReport, QuotaError> {
+    let bytes = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            QuotaError::BodyTooLarge
+        } else {
+            QuotaError::UnreadableBody(rejection.body_text())
+        }
+    })?;
+    if bytes.len() > MAX_BODY {
+        return Err(QuotaError::BodyTooLarge);
+    }
+    serde_json::from_slice(&bytes).map_err(|error| QuotaError::MalformedReport(error.to_string()))
+}
+
+/// Whether the authenticated pod may speak for the job its report names:
+/// it is the pod in the body, the integration and job exist, and the pod
+/// (as the store has it, not as the body says) carries their labels.
+pub fn authorize(
+    stores: &Stores,
+    identity: &Identity,
+    report: &LeaseReport,
+) -> Result<Authorized, QuotaError> {
+    if identity.namespace != report.namespace || identity.pod != report.pod {
+        return Err(QuotaError::NotYourPod {
+            token: format!("{}/{}", identity.namespace, identity.pod),
+            body: format!("{}/{}", report.namespace, report.pod),
+        });
+    }
+    let integration_ref = ObjectRef::new(&report.integration).within(&report.namespace);
+    let integration = stores
+        .integrations
+        .get(&integration_ref)
+        .and_then(|sli| plan::validate(&sli).ok())
+        .ok_or_else(|| QuotaError::UnknownIntegration {
+            namespace: report.namespace.clone(),
+            name: report.integration.clone(),
+        })?;
+    if !integration.jobs.iter().any(|j| j.name == report.job) {
+        let registered: Vec<&str> = integration.jobs.iter().map(|j| j.name.as_str()).collect();
+        return Err(QuotaError::UnknownJob {
+            namespace: report.namespace.clone(),
+            integration: report.integration.clone(),
+            job: report.job.clone(),
+            registered: registered.join(", "),
+        });
+    }
+    let pod_ref = ObjectRef::new(&report.pod).within(&report.namespace);
+    let pod = stores.pods.get(&pod_ref);
+    // A token outlives its pod: bound to the pod's UID, it speaks only for
+    // that pod, not for one recreated under the same name.
+    if let (Some(token_uid), Some(live_uid)) = (
+        identity.uid.as_deref(),
+        pod.as_ref().and_then(|p| p.metadata.uid.as_deref()),
+    ) && token_uid != live_uid
+    {
+        return Err(QuotaError::PodGone {
+            namespace: report.namespace.clone(),
+            pod: report.pod.clone(),
+            token_uid: token_uid.to_owned(),
+        });
+    }
+    let labels = pod
+        .and_then(|pod| pod.metadata.labels.clone())
+        .unwrap_or_default();
+    let carries = |key: &str, value: &str| labels.get(key).is_some_and(|v| v == value);
+    if !(carries(LABEL_INTEGRATION, &report.integration) && carries(LABEL_JOB, &report.job)) {
+        return Err(QuotaError::PodNotInJob {
+            namespace: report.namespace.clone(),
+            pod: report.pod.clone(),
+            integration: report.integration.clone(),
+            job: report.job.clone(),
+        });
+    }
+    let account =
+        stores
+            .account_of(&integration)
+            .map_err(|problem| QuotaError::IntegrationNotReady {
+                namespace: report.namespace.clone(),
+                integration: report.integration.clone(),
+                message: problem.to_string(),
+            })?;
+    let key = integration.key(&report.job);
+    Ok(Authorized {
+        integration,
+        account,
+        key,
+    })
+}
+
+/// The job's allocation in the account's plan.
+fn allocation_of<'a>(
+    account_plan: &'a AccountPlan,
+    authorized: &Authorized,
+    report: &LeaseReport,
+) -> Result<&'a JobAllocation, QuotaError> {
+    account_plan
+        .job(&authorized.key)
+        .ok_or_else(|| QuotaError::UnknownJob {
+            namespace: report.namespace.clone(),
+            integration: report.integration.clone(),
+            job: report.job.clone(),
+            registered: "(the job has no allocation on its account)".into(),
+        })
+}
+
+/// Fold a report into the throttle book, and (where lending is on) the
+/// demand book; say what moved.
+pub fn record(
+    reports: &Reports,
+    authorized: &Authorized,
+    report: &LeaseReport,
+    account_plan: &AccountPlan,
+    now: u64,
+) -> Recorded {
+    let period = account_plan.budget.period_millis;
+    let key = &authorized.key;
+    let throttling_changed = reports.throttling.lock().is_ok_and(|mut throttling| {
+        let window = throttle::window_of(now, period);
+        // A job never reported counts as 0 windows: its first clean report changes nothing.
+        let windows = |t: &throttle::ThrottleBook| {
+            t.job(key)
+                .map_or(0, |state| state.throttled_windows(window))
+        };
+        let before = windows(&throttling);
+        throttling.report(key, report.usage.throttled, now, period);
+        before != windows(&throttling)
+    });
+    // Demand moves capacity between jobs only where lending is on.
+    let demand_moved = authorized.integration.lend_idle_capacity
+        && reports.demand.write().is_ok_and(|mut book| {
+            let seen = demand::Report {
+                job: key,
+                pod: &report.pod,
+                sent: report.usage.requests,
+                queued: report.usage.queued,
+            };
+            book.report(seen, now, period)
+        });
+    let account = &authorized.account;
+    let account_throttled = reports.accounts.lock().is_ok_and(|mut accounts| {
+        accounts.report(
+            &account.name,
+            report.usage.throttled,
+            account.window_of(now),
+            now,
+        )
+    });
+    Recorded {
+        throttling_changed,
+        demand_moved,
+        account_throttled,
+    }
+}
+
+/// What the lease book needs to decide this pod's grant.
+fn lease_request<'a>(
+    authorized: &'a Authorized,
+    account_plan: &'a AccountPlan,
+    job: &JobAllocation,
+    pod: &'a str,
+) -> LeaseRequest<'a> {
+    let max_concurrency = authorized
+        .integration
+        .jobs
+        .iter()
+        .find(|j| j.name == authorized.key.job)
+        .and_then(|j| j.max_concurrency);
+    LeaseRequest {
+        account: &authorized.account.name,
+        usable: account_plan.budget,
+        job: &authorized.key,
+        pod,
+        job_requests: job.requests,
+        max_concurrency,
+        static_share: job.per_pod,
     }
 }
 
@@ -457,44 +441,316 @@ struct TermBook {
     book: LeaseBook,
 }
 
-fn internal() -> Refusal {
-    Refusal::new(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "Internal",
-        "the quota API's state is unavailable",
-    )
-}
-
 /// The quota API's routes.
 pub fn router(quota: Arc<Quota>) -> Router {
     Router::new()
-        .route("/v1/leases", post(lease_handler))
+        .route(LEASES_PATH, post(lease_handler))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(quota)
 }
 
 async fn lease_handler(
     State(quota): State<Arc<Quota>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match quota.lease(&headers, body).await {
+    match quota.lease(&headers, body, Some(peer.ip())).await {
         Ok(grant) => axum::Json(grant).into_response(),
-        Err(refusal) => {
-            quota.refused(&refusal);
-            refusal.into_response()
+        Err(error) => {
+            quota.refused(&error);
+            error.into_response()
         }
     }
 }
 
-/// Milliseconds since the epoch.
-pub fn now_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(millis)
-        .unwrap_or(0)
-}
+#[cfg(test)]
+mod tests {
+    use saleslayer_contract::Usage;
+    use saleslayer_core::api::SalesLayerIntegration;
+    use serde_json::json;
 
-fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+    use super::*;
+    use crate::state::testing::{integration, labelled_pod, stores_with};
+
+    fn identity(pod: &str) -> Identity {
+        Identity {
+            namespace: "shop".into(),
+            service_account: "default".into(),
+            pod: pod.into(),
+            uid: None,
+        }
+    }
+
+    fn report(pod: &str, job: &str, usage: Usage) -> LeaseReport {
+        LeaseReport {
+            namespace: "shop".into(),
+            integration: "catalog".into(),
+            job: job.into(),
+            pod: pod.into(),
+            usage,
+        }
+    }
+
+    fn catalog(lend: bool) -> SalesLayerIntegration {
+        integration(
+            "shop",
+            "catalog",
+            json!({"account": "acme", "lendIdleCapacity": lend, "jobs": [
+                {"name": "import", "weight": 3}, {"name": "prices", "weight": 1}]}),
+        )
+    }
+
+    fn quota(stores: Stores) -> (Quota, crate::controller::QueueReceivers) {
+        // Never contacted: grant() starts after authentication.
+        let client = kube::Client::try_from(kube::Config::new(
+            "https://127.0.0.1:1".parse().expect("url"),
+        ))
+        .expect("client");
+        let (queues, requested) = crate::controller::queues();
+        let metrics = crate::metrics::Metrics::default().quota;
+        (
+            Quota::new(stores, Authenticator::new(client), queues, metrics),
+            requested,
+        )
+    }
+
+    #[test]
+    fn authorize_checks_the_body_against_the_token_and_the_store() {
+        let stores = stores_with(
+            vec![catalog(false)],
+            vec![
+                labelled_pod("shop", "import-0", "catalog", "import"),
+                labelled_pod("shop", "stranger", "orders", "import"),
+            ],
+        );
+        let ok = authorize(
+            &stores,
+            &identity("import-0"),
+            &report("import-0", "import", Usage::default()),
+        )
+        .expect("its own pod, job and labels");
+        assert_eq!(ok.key, JobKey::new("shop", "catalog", "import"));
+
+        let reason = |id: &str, pod: &str, job: &str| {
+            authorize(&stores, &identity(id), &report(pod, job, Usage::default()))
+                .map_err(|e| e.reason())
+                .err()
+        };
+        assert_eq!(reason("import-0", "import-1", "import"), Some("NotYourPod"));
+        assert_eq!(reason("import-0", "import-0", "images"), Some("UnknownJob"));
+        assert_eq!(
+            reason("stranger", "stranger", "import"),
+            Some("PodNotInJob")
+        );
+        assert_eq!(
+            reason("import-0", "import-0", "prices"),
+            Some("PodNotInJob")
+        );
+        let mut elsewhere = report("import-0", "import", Usage::default());
+        elsewhere.integration = "orders".into();
+        assert_eq!(
+            authorize(&stores, &identity("import-0"), &elsewhere).map_err(|e| e.reason()),
+            Err("UnknownIntegration")
+        );
+        // The store's pod has uid "uid-import-0"; a token of an earlier pod
+        // of the same name does not speak for it.
+        let mut earlier = identity("import-0");
+        earlier.uid = Some("uid-of-a-deleted-pod".into());
+        assert_eq!(
+            authorize(
+                &stores,
+                &earlier,
+                &report("import-0", "import", Usage::default())
+            )
+            .map_err(|e| e.reason()),
+            Err("PodGone")
+        );
+        earlier.uid = Some("uid-import-0".into());
+        assert!(
+            authorize(
+                &stores,
+                &earlier,
+                &report("import-0", "import", Usage::default())
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn recording_throttled_usage_marks_the_job_and_clean_usage_does_not() {
+        let stores = stores_with(
+            vec![catalog(false)],
+            vec![labelled_pod("shop", "import-0", "catalog", "import")],
+        );
+        let who = identity("import-0");
+        let clean = report("import-0", "import", Usage::default());
+        let authorized = authorize(&stores, &who, &clean).expect("authorized");
+        let plan = stores.account_plan(&authorized.account, None, 0);
+        assert_eq!(
+            record(&stores.reports, &authorized, &clean, &plan, 1_000),
+            Recorded::default()
+        );
+        let throttled = report(
+            "import-0",
+            "import",
+            Usage {
+                throttled: 2,
+                ..Usage::default()
+            },
+        );
+        let recorded = record(&stores.reports, &authorized, &throttled, &plan, 2_000);
+        assert!(recorded.throttling_changed);
+        assert!(!recorded.demand_moved, "lending is off: demand is not kept");
+    }
+
+    #[tokio::test]
+    async fn a_grant_follows_the_plan_and_throttling_queues_the_integration() {
+        let stores = stores_with(
+            vec![catalog(false)],
+            vec![
+                labelled_pod("shop", "import-0", "catalog", "import"),
+                labelled_pod("shop", "prices-0", "catalog", "prices"),
+            ],
+        );
+        let (quota, mut changes) = quota(stores);
+        // 40 usable over weights 3:1: import 30, prices 10, one pod each.
+        // Within one TTL of the term's start the static share caps the grant,
+        // which here is the whole allocation.
+        let grant = quota
+            .grant(
+                &identity("import-0"),
+                &report("import-0", "import", Usage::default()),
+                wall_millis(),
+            )
+            .expect("granted");
+        assert_eq!((grant.requests, grant.period_millis), (30, 10_000));
+        assert!(
+            changes.integrations.try_recv().is_err(),
+            "nothing to reconcile"
+        );
+
+        let throttled = Usage {
+            throttled: 1,
+            ..Usage::default()
+        };
+        quota
+            .grant(
+                &identity("prices-0"),
+                &report("prices-0", "prices", throttled),
+                wall_millis(),
+            )
+            .expect("granted");
+        assert_eq!(
+            changes.integrations.try_recv().ok(),
+            Some(ObjectRef::new("catalog").within("shop"))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_follower_refuses_before_reading_anything() {
+        let (quota, _changes) = quota(stores_with(vec![], vec![]));
+        let (_tx, rx) = tokio::sync::watch::channel(Role::Follower);
+        let quota = quota.with_leadership(Leadership::from_receiver(rx));
+        let refused = quota
+            .lease(&HeaderMap::new(), Ok(Bytes::from_static(b"garbage")), None)
+            .await;
+        assert_eq!(refused.map_err(|e| e.reason()), Err("NotLeader"));
+    }
+
+    #[tokio::test]
+    async fn a_leader_that_has_not_listed_answers_not_ready() {
+        let stores = stores_with(vec![catalog(false)], vec![]);
+        stores
+            .synced
+            .namespaces
+            .store(false, std::sync::atomic::Ordering::Release);
+        let (quota, _changes) = quota(stores);
+        let refused = quota
+            .lease(&HeaderMap::new(), Ok(Bytes::from_static(b"{}")), None)
+            .await
+            .map_err(|e| (e.status().as_u16(), e.reason()));
+        assert_eq!(refused, Err((503, "NotReady")));
+    }
+
+    #[tokio::test]
+    async fn a_report_of_u64_max_saturates_instead_of_wrapping_or_panicking() {
+        let stores = stores_with(
+            vec![catalog(true)],
+            vec![labelled_pod("shop", "import-0", "catalog", "import")],
+        );
+        let (quota, _changes) = quota(stores);
+        let huge = Usage {
+            requests: u64::MAX,
+            by_status: [("200".to_owned(), u64::MAX), ("429".to_owned(), u64::MAX)].into(),
+            throttled: u64::MAX,
+            retries: u64::MAX,
+            peak_concurrency: u64::MAX,
+            queued: u64::MAX,
+        };
+        for _ in 0..3 {
+            quota
+                .grant(
+                    &identity("import-0"),
+                    &report("import-0", "import", huge.clone()),
+                    wall_millis(),
+                )
+                .expect("granted");
+        }
+        let labels = JobLabels::of(&JobKey::new("shop", "catalog", "import"));
+        assert_eq!(
+            quota.metrics.throttled.get_or_create(&labels).get(),
+            u64::MAX
+        );
+        assert_eq!(quota.metrics.lease_grants.get_or_create(&labels).get(), 3);
+    }
+
+    #[test]
+    fn bodies_are_decoded_or_refused_with_a_reason() {
+        assert_eq!(
+            decode(Ok(Bytes::from_static(b"{"))).map_err(|e| e.reason()),
+            Err("MalformedReport")
+        );
+        let huge = Bytes::from(vec![b' '; MAX_BODY + 1]);
+        assert_eq!(
+            decode(Ok(huge)).map_err(|e| e.reason()),
+            Err("BodyTooLarge")
+        );
+        let body = serde_json::to_vec(&report("a", "b", Usage::default())).expect("encode");
+        assert_eq!(
+            decode(Ok(Bytes::from(body))).map(|r| r.pod),
+            Ok("a".to_owned())
+        );
+    }
+
+    proptest::proptest! {
+        /// Whatever the body, decoding answers a report or a refusal with
+        /// a client error, and never panics.
+        #[test]
+        fn any_body_is_a_report_or_a_client_error(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048)) {
+            match decode(Ok(Bytes::from(body))) {
+                Ok(_) => {}
+                Err(error) => proptest::prop_assert!(
+                    matches!(error.status().as_u16(), 400 | 413),
+                    "{error:?}"
+                ),
+            }
+        }
+
+        /// Reports that are JSON but oddly shaped: missing or huge fields.
+        #[test]
+        fn oddly_shaped_reports_never_panic(
+            pod in "[a-z0-9-]{0,80}",
+            requests in proptest::prelude::any::<u64>(),
+            code in "[0-9a-z]{0,6}",
+            extra in proptest::prelude::any::<bool>(),
+        ) {
+            let mut value = serde_json::json!({"namespace": "shop", "integration": "catalog",
+                "job": "import", "pod": pod, "usage": {"requests": requests, "byStatus": {code: requests}}});
+            if extra {
+                value["usage"]["unknown"] = serde_json::json!([1, 2, 3]);
+            }
+            let _ = decode(Ok(Bytes::from(value.to_string())));
+        }
+    }
 }

@@ -1,14 +1,12 @@
 //! The pod-mutating admission webhook over HTTPS (DESIGN.md §5, §8).
 //!
 //! The HTTP layer only decodes the AdmissionReview, hands it to the pure
-//! [`mutate::review`], and encodes the answer; a body that is not an
+//! [`injection::review`] of the core, and encodes the answer; a body that is not an
 //! AdmissionReview gets HTTP 400 with a JSON error. Every replica serves it
 //! from its own in-memory stores, so admission never waits on an API call.
 //! Out of cluster (`--webhook-url`) the operator registers its own
 //! MutatingWebhookConfiguration; in a cluster the chart makes it and the
 //! operator only keeps its `caBundle` current.
-
-pub mod mutate;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,7 +17,6 @@ use axum::extract::{DefaultBodyLimit, State};
 pub use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use axum_server::tls_rustls::RustlsConfig;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Patch, PatchParams};
@@ -27,12 +24,18 @@ use kube::core::admission::{AdmissionRequest, AdmissionReview};
 use kube::{Api, Client};
 use serde_json::json;
 
-use crate::allocation::JobKey;
-use crate::api::LABEL_INTEGRATION;
-use crate::controller::plan::{self, AccountPlan, ValidatedIntegration};
-use crate::controller::{FIELD_MANAGER, Stores};
-use crate::metrics::{OutcomeLabels, WebhookMetrics};
-use mutate::{Injection, IntegrationView};
+use saleslayer_contract::LABEL_INTEGRATION;
+use saleslayer_core::account::AccountProblem;
+use saleslayer_core::allocation::JobKey;
+use saleslayer_core::injection::{self, Injection, IntegrationView};
+use saleslayer_core::plan::{self, AccountPlan, ValidatedIntegration};
+use saleslayer_runtime::clock::wall_millis;
+
+use crate::FIELD_MANAGER;
+use crate::metrics::{OutcomeLabels, ReasonLabels, WebhookMetrics};
+use crate::state::Stores;
+use crate::tls::ServingTls;
+use saleslayer_runtime::serve::ServeLimits;
 
 /// Name of the MutatingWebhookConfiguration (and of its one webhook's prefix).
 pub const CONFIGURATION_NAME: &str = "saleslayer-operator";
@@ -42,6 +45,10 @@ pub const WEBHOOK_NAME: &str = "pods.saleslayer.io";
 const MAX_BODY: usize = 3 * 1024 * 1024;
 
 impl IntegrationView for Stores {
+    fn ready(&self) -> bool {
+        self.synced()
+    }
+
     fn integration(&self, namespace: &str, name: &str) -> Option<ValidatedIntegration> {
         let key = kube::runtime::reflector::ObjectRef::new(name).within(namespace);
         self.integrations
@@ -61,9 +68,13 @@ impl IntegrationView for Stores {
         names
     }
 
-    fn plan_with_new_pod(&self, integration: &ValidatedIntegration, job: &str) -> AccountPlan {
+    fn plan_with_new_pod(
+        &self,
+        integration: &ValidatedIntegration,
+        job: &str,
+    ) -> Result<AccountPlan, AccountProblem> {
         let key: JobKey = integration.key(job);
-        self.account_plan(&integration.account, Some(&key), crate::quota::now_millis())
+        self.plan_for(integration, Some(&key), wall_millis())
     }
 }
 
@@ -87,33 +98,58 @@ pub fn router(stores: Stores, injection: Injection, metrics: WebhookMetrics) -> 
 
 async fn mutate_handler(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     let started = std::time::Instant::now();
-    let (status, answer) = respond(&body, &shared.stores, &shared.injection);
-    let outcome = match (status, answer["response"]["allowed"].as_bool()) {
-        (StatusCode::OK, Some(true)) => "allowed",
-        (StatusCode::OK, _) => "denied",
+    let answer = respond(&body, &shared.stores, &shared.injection);
+    let outcome = match (answer.status, answer.denial) {
+        (StatusCode::OK, None) => "allowed",
+        (StatusCode::OK, Some(_)) => "denied",
+        (StatusCode::SERVICE_UNAVAILABLE, _) => "not_ready",
         _ => "malformed",
     };
-    shared
-        .metrics
+    let metrics = &shared.metrics;
+    metrics
         .admissions
         .get_or_create(&OutcomeLabels {
             outcome: outcome.into(),
         })
         .inc();
-    shared
-        .metrics
-        .latency
-        .observe(started.elapsed().as_secs_f64());
-    (status, axum::Json(answer)).into_response()
+    if let Some(reason) = answer.denial {
+        metrics
+            .denials
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+    metrics.latency.observe(started.elapsed().as_secs_f64());
+    (answer.status, axum::Json(answer.body)).into_response()
+}
+
+/// What the webhook answers one call.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    /// The AdmissionReview, or `{"error", "reason"}`.
+    pub body: serde_json::Value,
+    /// Why the pod was denied, if it was.
+    pub denial: Option<&'static str>,
 }
 
 /// Decode an AdmissionReview, decide, encode: HTTP 200 with the review's
 /// answer, or 400 with `{"error", "reason"}` for a body that is not one.
-pub fn respond(
-    body: &[u8],
-    view: &dyn IntegrationView,
-    injection: &Injection,
-) -> (StatusCode, serde_json::Value) {
+pub fn respond(body: &[u8], view: &dyn IntegrationView, injection: &Injection) -> Answer {
+    // Not an AdmissionReview answer: the API server counts a non-200 as a
+    // failed call, so failurePolicy decides and the pod's creator retries,
+    // instead of a denial made from half-listed stores.
+    if !view.ready() {
+        return Answer {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            body: json!({
+                "error": "saleslayer-operator is starting and has not listed the cluster yet; retry shortly",
+                "reason": "NotReady",
+            }),
+            denial: None,
+        };
+    }
     let review: AdmissionReview<Pod> = match serde_json::from_slice(body) {
         Ok(review) => review,
         Err(error) => return bad_request(format!("the body is not an AdmissionReview: {error}")),
@@ -124,48 +160,71 @@ pub fn respond(
             return bad_request(format!("the AdmissionReview carries no request: {error}"));
         }
     };
-    let response = mutate::review(&request, view, injection);
-    if !response.allowed {
+    let decision = injection::patch_for(&request, view, injection);
+    let denial = decision.as_ref().err().map(injection::Denial::reason);
+    if let Err(denial) = &decision {
         tracing::info!(
             namespace = request.namespace.as_deref().unwrap_or_default(),
-            message = %response.result.message,
+            reason = denial.reason(),
+            message = %denial,
             "pod denied"
         );
     }
+    let response = injection::response_for(&request, decision);
     match serde_json::to_value(response.into_review()) {
-        Ok(answer) => (StatusCode::OK, answer),
-        Err(error) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            json!({"error": format!("encoding the answer: {error}"), "reason": "EncodeFailed"}),
-        ),
+        Ok(body) => Answer {
+            status: StatusCode::OK,
+            body,
+            denial,
+        },
+        Err(error) => Answer {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            body: json!({"error": format!("encoding the answer: {error}"), "reason": "EncodeFailed"}),
+            denial: None,
+        },
     }
 }
 
-fn bad_request(message: String) -> (StatusCode, serde_json::Value) {
-    (
-        StatusCode::BAD_REQUEST,
-        json!({"error": message, "reason": "MalformedAdmissionReview"}),
-    )
+fn bad_request(message: String) -> Answer {
+    Answer {
+        status: StatusCode::BAD_REQUEST,
+        body: json!({"error": message, "reason": "MalformedAdmissionReview"}),
+        denial: None,
+    }
 }
 
-/// Serve `router` over HTTPS on `bind` until `shutdown` resolves. `tls` can
-/// be reloaded with a new certificate while serving.
+/// Serve `router` over HTTPS on `bind` within `limits` until `shutdown`
+/// resolves; each handshake uses `tls`'s certificate of the moment.
+///
+/// The operator serves one request per connection (see [`limits`]): the
+/// API server pools HTTP/1.1 connections to a webhook Service by host name
+/// and never retries a POST, so a replica that closes a pooled connection as
+/// it stops (a rollout, a deleted leader) would fail the pod create being
+/// written on it ("write: broken pipe", seen on the e2e node). Without
+/// keep-alive every call dials the Service anew and reaches a replica that
+/// serves.
 pub async fn serve(
     bind: SocketAddr,
-    tls: RustlsConfig,
+    tls: Arc<ServingTls>,
     router: Router,
+    limits: ServeLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let handle = axum_server::Handle::new();
-    let stopper = handle.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        stopper.graceful_shutdown(Some(std::time::Duration::from_secs(5)));
-    });
-    axum_server::bind_rustls(bind, tls)
-        .handle(handle)
-        .serve(router.into_make_service())
-        .await
+    let listener = tokio::net::TcpListener::bind(bind).await?;
+    saleslayer_runtime::serve::serve_wrapped(listener, router, limits, shutdown, move |stream| {
+        let tls = tls.clone();
+        async move { tls.accept(stream).await }
+    })
+    .await
+}
+
+/// What the webhook and the quota API allow a client: no keep-alive (see
+/// [`serve`]), a 10 s header-read timeout, 256 connections at once.
+pub fn limits() -> ServeLimits {
+    ServeLimits {
+        keep_alive: false,
+        ..ServeLimits::default()
+    }
 }
 
 /// Create or update the MutatingWebhookConfiguration pointing at `url`
@@ -241,38 +300,22 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::api::SalesLayerIntegration;
-    use crate::controller::plan::PodCounts;
+    use crate::state::testing::{
+        account, integration, namespace, stores_with, stores_with_accounts,
+    };
 
-    /// One integration, `shop/catalog`, with two jobs and no live pods.
-    struct Fixed(ValidatedIntegration);
-
-    impl Fixed {
-        fn new() -> Self {
-            let spec = serde_json::from_value(json!({"account": "acme", "jobs": [
-                {"name": "import", "weight": 3, "maxConcurrency": 4}, {"name": "prices"}]}))
-            .expect("spec");
-            let mut sli = SalesLayerIntegration::new("catalog", spec);
-            sli.metadata.namespace = Some("shop".into());
-            Self(plan::validate(&sli).expect("valid"))
-        }
-    }
-
-    impl IntegrationView for Fixed {
-        fn integration(&self, namespace: &str, name: &str) -> Option<ValidatedIntegration> {
-            (namespace == "shop" && name == "catalog").then(|| self.0.clone())
-        }
-        fn integrations_in(&self, namespace: &str) -> Vec<String> {
-            if namespace == "shop" {
-                vec!["catalog".into()]
-            } else {
-                Vec::new()
-            }
-        }
-        fn plan_with_new_pod(&self, integration: &ValidatedIntegration, job: &str) -> AccountPlan {
-            let pods: PodCounts = [(integration.key(job), 1)].into();
-            plan::plan_account(std::slice::from_ref(integration), &pods)
-        }
+    /// One integration, `shop/catalog`, with two jobs and no live pods, on
+    /// the documented account `acme`.
+    fn fixed() -> Stores {
+        stores_with(
+            vec![integration(
+                "shop",
+                "catalog",
+                json!({"account": "acme", "jobs": [
+                    {"name": "import", "weight": 3, "maxConcurrency": 4}, {"name": "prices"}]}),
+            )],
+            vec![],
+        )
     }
 
     fn injection() -> Injection {
@@ -311,7 +354,8 @@ mod tests {
     }
 
     fn answer(body: &serde_json::Value) -> (StatusCode, serde_json::Value) {
-        respond(body.to_string().as_bytes(), &Fixed::new(), &injection())
+        let answer = respond(body.to_string().as_bytes(), &fixed(), &injection());
+        (answer.status, answer.body)
     }
 
     /// Apply the answer's JSON Patch to `pod`.
@@ -364,7 +408,10 @@ mod tests {
         assert_eq!(sidecar["name"], "saleslayer-proxy");
         assert_eq!(sidecar["restartPolicy"], "Always");
         assert_eq!(sidecar["image"], "saleslayer-operator:test");
-        assert_eq!(sidecar["args"], json!(["proxy"]));
+        assert_eq!(
+            sidecar["command"],
+            json!(["/usr/local/bin/saleslayer-sidecar"])
+        );
         assert_eq!(sidecar["securityContext"]["readOnlyRootFilesystem"], true);
         assert_eq!(init[1]["name"], "migrate");
         let has = |container: &serde_json::Value, var: serde_json::Value| {
@@ -467,17 +514,123 @@ mod tests {
             b"{}",
             b"{\"apiVersion\":\"admission.k8s.io/v1\",\"kind\":\"AdmissionReview\"}",
         ] {
-            let (status, error) = respond(body, &Fixed::new(), &injection());
+            let Answer {
+                status,
+                body: error,
+                ..
+            } = respond(body, &fixed(), &injection());
             assert_eq!(status, StatusCode::BAD_REQUEST);
             assert_eq!(error["reason"], "MalformedAdmissionReview");
             assert!(error["error"].as_str().is_some_and(|e| !e.is_empty()));
         }
     }
 
+    #[test]
+    fn pods_of_an_integration_its_account_does_not_take_are_denied() {
+        let missing = stores_with_accounts(
+            vec![],
+            vec![],
+            vec![integration(
+                "shop",
+                "catalog",
+                json!({"account": "acme-prod", "jobs": [{"name": "import"}]}),
+            )],
+            vec![],
+        );
+        let answer = respond(
+            review_of(pod("import")).to_string().as_bytes(),
+            &missing,
+            &injection(),
+        );
+        assert_eq!(answer.denial, Some("AccountNotFound"));
+        let message = answer.body["response"]["status"]["message"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(
+            message.contains("kubectl apply -f -") && message.contains("acme-prod"),
+            "{message}"
+        );
+
+        let elsewhere = stores_with_accounts(
+            vec![account(
+                "acme-prod",
+                json!({"allowedNamespaces": {"from": "Selector", "selector": {"matchLabels": {"team": "ops"}}}}),
+            )],
+            vec![namespace("shop", &[("team", "shop")])],
+            vec![integration(
+                "shop",
+                "catalog",
+                json!({"account": "acme-prod", "jobs": [{"name": "import"}]}),
+            )],
+            vec![],
+        );
+        let answer = respond(
+            review_of(pod("import")).to_string().as_bytes(),
+            &elsewhere,
+            &injection(),
+        );
+        assert_eq!(answer.denial, Some("AccountNotAllowed"));
+        let message = answer.body["response"]["status"]["message"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(
+            message.contains("does not allow integrations in namespace \"shop\""),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn the_accounts_throttle_statuses_are_injected() {
+        let stores = stores_with_accounts(
+            vec![account("acme", json!({"throttleStatuses": [503, 429]}))],
+            vec![],
+            vec![integration(
+                "shop",
+                "catalog",
+                json!({"account": "acme", "jobs": [{"name": "import"}]}),
+            )],
+            vec![],
+        );
+        let original = pod("import");
+        let answer = respond(
+            review_of(original.clone()).to_string().as_bytes(),
+            &stores,
+            &injection(),
+        );
+        let injected = patched(&original, &answer.body);
+        let env = &injected["spec"]["containers"][0]["env"];
+        assert!(
+            env.as_array().is_some_and(|e| e
+                .contains(&json!({"name": "SALESLAYER_THROTTLE_STATUSES", "value": "429,503"}))),
+            "{env}"
+        );
+    }
+
+    #[test]
+    fn a_replica_that_has_not_listed_fails_the_call_instead_of_denying() {
+        let stores = fixed();
+        stores
+            .synced
+            .integrations
+            .store(false, std::sync::atomic::Ordering::Release);
+        let answer = respond(
+            review_of(pod("import")).to_string().as_bytes(),
+            &stores,
+            &injection(),
+        );
+        assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(answer.denial, None);
+        assert_eq!(answer.body["reason"], "NotReady");
+        assert!(
+            answer.body.get("response").is_none(),
+            "no AdmissionReview: not a denial"
+        );
+    }
+
     proptest! {
         #[test]
         fn any_bytes_get_an_answer(body in proptest::collection::vec(any::<u8>(), 0..512)) {
-            let (status, _) = respond(&body, &Fixed::new(), &injection());
+            let status = respond(&body, &fixed(), &injection()).status;
             prop_assert!(status == StatusCode::OK || status == StatusCode::BAD_REQUEST);
         }
 
@@ -485,7 +638,7 @@ mod tests {
         fn truncated_reviews_get_an_answer(cut in 0usize..2000, job in "[a-z]{0,8}") {
             let full = review_of(pod(&job)).to_string();
             let cut = cut.min(full.len());
-            let (status, _) = respond(&full.as_bytes()[..cut], &Fixed::new(), &injection());
+            let status = respond(&full.as_bytes()[..cut], &fixed(), &injection()).status;
             prop_assert!(status == StatusCode::OK || status == StatusCode::BAD_REQUEST);
         }
 

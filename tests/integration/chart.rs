@@ -4,6 +4,7 @@
 //! ServiceAccount's RBAC is enough for the operator's whole job — run here out
 //! of cluster while impersonating that account — and no more.
 
+mod alerts;
 mod render;
 
 use std::path::{Path, PathBuf};
@@ -15,7 +16,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
-use saleslayer_operator::api::SalesLayerIntegration;
+use saleslayer_core::api::SalesLayerIntegration;
 use serde_json::json;
 
 use crate::support::{ControlPlane, eventually, labelled_pod};
@@ -30,7 +31,9 @@ fn chart() -> PathBuf {
 }
 
 /// Every option of values.yaml switched on.
-const EVERY_OPTION: [&str; 6] = [
+const EVERY_OPTION: [&str; 8] = [
+    "networkPolicy.enabled=true",
+    "networkPolicy.apiServerCIDRs={10.0.0.1/32}",
     "serviceMonitor.enabled=true",
     "prometheusRule.enabled=true",
     "certManager.enabled=true",
@@ -41,7 +44,7 @@ const EVERY_OPTION: [&str; 6] = [
 
 /// The testenv's `helm` with its state in `home`, not the user's.
 fn helm(home: &Path) -> Command {
-    let mut command = Command::new(saleslayer_operator::testenv::bin_dir().join("helm"));
+    let mut command = Command::new(saleslayer_testenv::bin_dir().join("helm"));
     command
         .env("HELM_CACHE_HOME", home.join("cache"))
         .env("HELM_CONFIG_HOME", home.join("config"))
@@ -125,9 +128,20 @@ async fn impersonating(plane: &ControlPlane) -> Client {
     Client::try_from(config).expect("client")
 }
 
-/// Beside the catalog: an overcommitted account that reports alerts through
-/// the Secret the chart lets it read, and a Secret it must not read.
+/// The catalog's account, and beside the catalog: an overcommitted account
+/// that reports alerts through the Secret the chart lets it read, and a
+/// Secret it must not read.
 const MORE: &str = "---
+apiVersion: saleslayer.io/v1alpha1
+kind: SalesLayerAccount
+metadata: {name: acme-prod}
+spec: {}
+---
+apiVersion: saleslayer.io/v1alpha1
+kind: SalesLayerAccount
+metadata: {name: acme-test}
+spec: {}
+---
 apiVersion: saleslayer.io/v1alpha1
 kind: SalesLayerIntegration
 metadata: {name: overbooked, namespace: shop}
@@ -158,6 +172,11 @@ async fn the_installed_chart_lets_the_operator_do_its_whole_job_and_no_more() {
     assert_exist(
         &plane,
         &[
+            (
+                "customresourcedefinition",
+                "saleslayeraccounts.saleslayer.io",
+                None,
+            ),
             (
                 "customresourcedefinition",
                 "saleslayerintegrations.saleslayer.io",
@@ -191,7 +210,7 @@ async fn the_installed_chart_lets_the_operator_do_its_whole_job_and_no_more() {
     // The testenv's API server cannot reach in-cluster Services, so, as
     // admin, point the chart's webhook at the operator run here; the
     // operator itself then only patches the caBundle, as in a cluster.
-    let (args, ports) = saleslayer_operator::testenv::run_args(NAMESPACE);
+    let (args, ports) = crate::support::run_args(NAMESPACE);
     let mut args = args;
     args.webhook_url = None;
     args.webhook_configuration = RELEASE.into();
@@ -388,6 +407,37 @@ async fn the_installed_chart_lets_the_operator_do_its_whole_job_and_no_more() {
         (&["create", "leases", "-n", NAMESPACE][..], true),
         (&["update", "leases", "-n", "shop"][..], false),
         (&["create", "tokenreviews.authentication.k8s.io"][..], true),
+        (&["watch", "saleslayeraccounts.saleslayer.io"][..], true),
+        (
+            &[
+                "patch",
+                "saleslayeraccounts.saleslayer.io/acme-prod",
+                "--subresource=status",
+            ][..],
+            true,
+        ),
+        (
+            &["patch", "saleslayeraccounts.saleslayer.io/acme-prod"][..],
+            false,
+        ),
+        (
+            &["delete", "saleslayeraccounts.saleslayer.io/acme-prod"][..],
+            false,
+        ),
+        (&["list", "namespaces"][..], true),
+        (
+            &["patch", "configmaps/saleslayer-operator-ca", "-n", "shop"][..],
+            true,
+        ),
+        (
+            &["patch", "configmaps/kube-root-ca.crt", "-n", "shop"][..],
+            false,
+        ),
+        (
+            &["get", "configmaps/some-app-config", "-n", "shop"][..],
+            false,
+        ),
+        (&["patch", "namespaces/shop"][..], false),
         (&["delete", "pods", "-n", "shop"][..], false),
         (&["patch", "pods", "-n", NAMESPACE][..], true),
         (&["list", "pods", "-n", NAMESPACE][..], true),
@@ -478,6 +528,7 @@ async fn every_option_installs_its_objects() {
         &[
             ("servicemonitor", RELEASE, Some(NAMESPACE)),
             ("prometheusrule", RELEASE, Some(NAMESPACE)),
+            ("networkpolicy", RELEASE, Some(NAMESPACE)),
             ("issuer", "saleslayer-operator-selfsigned", Some(NAMESPACE)),
             ("issuer", "saleslayer-operator-ca", Some(NAMESPACE)),
             ("certificate", "saleslayer-operator-ca", Some(NAMESPACE)),

@@ -4,7 +4,7 @@
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams};
-use saleslayer_operator::api::SalesLayerIntegration;
+use saleslayer_core::api::SalesLayerIntegration;
 use serde_json::{Value, json};
 
 use crate::support::{Env, eventually};
@@ -16,8 +16,6 @@ kind: SalesLayerIntegration
 metadata: {{name: catalog, namespace: {namespace}}}
 spec:
   account: acme-prod
-  limit: {{requests: 50, periodSeconds: 10}}
-  headroomPercent: 20
   lendIdleCapacity: {lend}
   jobs:
   - {{name: product-import, weight: 3, maxConcurrency: 4}}
@@ -311,30 +309,69 @@ async fn idle_job_lends_its_share_when_lending_is_on() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_account_is_one_budget_across_namespaces() {
+async fn an_account_is_one_budget_across_the_namespaces_it_allows() {
     let env = Env::with_controller().await;
-    env.namespace("shop").await;
-    env.namespace("ops").await;
-    for (namespace, name, job) in [("shop", "catalog", "import"), ("ops", "reports", "export")] {
+    // The platform team opens acme-prod to the namespaces labelled team=shop|ops.
+    let (ok, out) = env.kubectl_apply(
+        "apiVersion: saleslayer.io/v1alpha1
+kind: SalesLayerAccount
+metadata: {name: acme-prod}
+spec:
+  allowedNamespaces:
+    from: Selector
+    selector:
+      matchExpressions: [{key: team, operator: In, values: [shop, ops]}]
+",
+    );
+    assert!(ok, "{out}");
+    for (namespace, team) in [("shop", "shop"), ("ops", "ops"), ("guest", "guest")] {
+        env.namespace(namespace).await;
+        env.kubectl(&["label", "namespace", namespace, &format!("team={team}")]);
+    }
+    for (namespace, name, job) in [
+        ("shop", "catalog", "import"),
+        ("ops", "reports", "export"),
+        ("guest", "scraper", "crawl"),
+    ] {
         let (ok, out) = env.kubectl_apply(&format!(
             "apiVersion: saleslayer.io/v1alpha1
 kind: SalesLayerIntegration
 metadata: {{name: {name}, namespace: {namespace}}}
 spec:
   account: acme-prod
-  jobs: [{{name: {job}, weight: 1}}]
+  jobs: [{{name: {job}, weight: 1, minRequests: 30}}]
 "
         ));
         assert!(ok, "{out}");
     }
     env.pod("shop", "import-0", "catalog", "import").await;
     env.pod("ops", "export-0", "reports", "export").await;
+    env.pod("guest", "crawl-0", "scraper", "crawl").await;
+    // Two allowed namespaces split the 40 usable; their floors of 30 each
+    // overcommit it, and the guest's floor counts for nothing.
     expect_allocations(&env, "shop", "catalog", &[("import", 20, 1, 20)]).await;
     expect_allocations(&env, "ops", "reports", &[("export", 20, 1, 20)]).await;
-    for (namespace, name, other) in [
-        ("shop", "catalog", "ops/reports"),
-        ("ops", "reports", "shop/catalog"),
-    ] {
+    let (status, _, message) = eventually("guest/scraper not allowed", || async {
+        let c = condition(&env, "guest", "scraper", "Ready").await?;
+        if c.1 == "AccountNotAllowed" {
+            Ok(c)
+        } else {
+            Err(format!("{c:?}"))
+        }
+    })
+    .await;
+    assert_eq!(status, "False");
+    assert!(
+        message.contains("does not allow integrations in namespace \"guest\""),
+        "{message}"
+    );
+    assert_eq!(
+        allocations(&env, "guest", "scraper").await.expect("status"),
+        vec![],
+        "allocated nothing"
+    );
+    for namespace_name in [("shop", "catalog"), ("ops", "reports")] {
+        let (namespace, name) = namespace_name;
         let (status, reason, message) = eventually("AccountShared", || {
             condition(&env, namespace, name, "AccountShared")
         })
@@ -344,9 +381,65 @@ spec:
             ("True", "SharedAccount"),
             "{message}"
         );
-        assert!(message.contains(other), "{message}");
+        assert!(
+            message.contains("shared by 2 integrations in 2 namespaces"),
+            "{message}"
+        );
+        for other in ["catalog", "reports", "scraper", "guest"] {
+            assert!(
+                other == name || !message.contains(other),
+                "another team's integration is named: {message}"
+            );
+        }
     }
 
+    // The account lets the guest in: it gets its share at once.
+    env.kubectl(&["label", "--overwrite", "namespace", "guest", "team=ops"]);
+    // Three floors of 30 in 40: 14/13/13, the odd unit to the first key.
+    expect_allocations(&env, "guest", "scraper", &[("crawl", 14, 1, 14)]).await;
+    expect_allocations(&env, "shop", "catalog", &[("import", 13, 1, 13)]).await;
+
+    // An integration on an account nobody made: Ready=False, and the fix.
+    let (ok, out) = env.kubectl_apply(
+        "apiVersion: saleslayer.io/v1alpha1
+kind: SalesLayerIntegration
+metadata: {name: orphan, namespace: shop}
+spec:
+  account: acme-nowhere
+  jobs: [{name: a}]
+",
+    );
+    assert!(ok, "{out}");
+    let (_, _, message) = eventually("shop/orphan AccountNotFound", || async {
+        let c = condition(&env, "shop", "orphan", "Ready").await?;
+        if c.1 == "AccountNotFound" {
+            Ok(c)
+        } else {
+            Err(format!("{c:?}"))
+        }
+    })
+    .await;
+    assert!(
+        message.contains("kubectl apply -f -") && message.contains("acme-nowhere"),
+        "{message}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floors_above_the_budget_are_scaled_down_and_said_so() {
+    let env = Env::with_controller().await;
+    env.namespace("shop").await;
+    env.namespace("ops").await;
+    let (ok, out) = env.kubectl_apply(&three_jobs("shop", false));
+    assert!(ok, "{out}");
+    let (ok, out) = env.kubectl_apply(
+        "apiVersion: saleslayer.io/v1alpha1
+kind: SalesLayerAccount
+metadata: {name: acme-staging}
+spec: {}
+",
+    );
+    assert!(ok, "{out}");
     // Floors above the budget: scaled down, and said so.
     let (ok, out) = env.kubectl_apply(
         "apiVersion: saleslayer.io/v1alpha1
@@ -481,4 +574,152 @@ async fn the_binary_runs_with_only_the_crd_and_stops_on_sigterm() {
         "not JSON: {first}"
     );
     assert!(logs.contains("shutting down"), "{logs}");
+}
+
+/// Issue 12 item 9: Events (and notifications) go out only after the status
+/// write that records the change succeeded, so a write the API server
+/// refuses is retried without repeating them. A ValidatingAdmissionPolicy
+/// refuses every status write of integrations for a while.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_wait_for_the_status_write_that_records_them() {
+    let env = Env::with_controller().await;
+    env.namespace("shop").await;
+    let (ok, out) = env.kubectl_apply(&three_jobs("shop", false));
+    assert!(ok, "{out}");
+    env.pod("shop", "import-0", "catalog", "product-import")
+        .await;
+    expect_allocations(
+        &env,
+        "shop",
+        "catalog",
+        &[
+            ("product-import", 24, 1, 24),
+            ("price-sync", 8, 0, 8),
+            ("stock-sync", 8, 0, 8),
+        ],
+    )
+    .await;
+    let (ok, out) = env.kubectl_apply(
+        "apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata: {name: no-integration-status}
+spec:
+  failurePolicy: Fail
+  matchConstraints:
+    resourceRules:
+    - apiGroups: [saleslayer.io]
+      apiVersions: ['*']
+      operations: [UPDATE]
+      resources: [saleslayerintegrations/status]
+  validations:
+  - expression: 'false'
+    message: status writes are refused by this test
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata: {name: no-integration-status}
+spec:
+  policyName: no-integration-status
+  validationActions: [Deny]
+",
+    );
+    assert!(ok, "{out}");
+    // The policy takes effect once the API server has loaded it.
+    eventually("status writes refused", || async {
+        let (ok, out) = env.kubectl_stdin(
+            &[
+                "-n",
+                "shop",
+                "patch",
+                "sli",
+                "catalog",
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                r#"{"status": {"summary": {"usable": "probe", "jobs": 0, "pods": 0, "throttling": "none"}}}"#,
+            ],
+            "",
+        );
+        if !ok && out.contains("refused by this test") {
+            Ok(())
+        } else {
+            Err(out)
+        }
+    })
+    .await;
+
+    // A change worth an Event: the status write that records it fails, and
+    // fails again on each retry.
+    env.pod("shop", "import-1", "catalog", "product-import")
+        .await;
+    let errors = |text: &str| -> u64 {
+        text.lines()
+            .find(|l| l.starts_with(r#"saleslayer_reconcile_errors_total{outcome="PatchStatus"}"#))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let metrics = format!("http://127.0.0.1:{}/metrics", env.metrics_port);
+    eventually("two refused status writes", || async {
+        let text = reqwest::get(&metrics)
+            .await
+            .map_err(|e| e.to_string())?
+            .text()
+            .await
+            .map_err(|e| e.to_string())?;
+        match errors(&text) {
+            n if n >= 2 => Ok(()),
+            n => Err(format!("{n} refused writes so far")),
+        }
+    })
+    .await;
+    let two_pods = |events: &str| {
+        events
+            .lines()
+            .filter(|l| l.starts_with("AllocationChanged/") && l.contains("over 2 pods"))
+            .count()
+    };
+    let events = || {
+        env.kubectl(&[
+            "-n",
+            "shop",
+            "get",
+            "events",
+            "-o",
+            "jsonpath={range .items[*]}{.reason}/{.note}{.message}{'\\n'}{end}",
+        ])
+    };
+    assert_eq!(
+        two_pods(&events()),
+        0,
+        "an Event for a status that was never written:\n{}",
+        events()
+    );
+
+    // The write goes through: the change is recorded, then announced.
+    env.kubectl(&[
+        "delete",
+        "validatingadmissionpolicybinding",
+        "no-integration-status",
+    ]);
+    expect_allocations(
+        &env,
+        "shop",
+        "catalog",
+        &[
+            ("product-import", 24, 2, 12),
+            ("price-sync", 8, 0, 8),
+            ("stock-sync", 8, 0, 8),
+        ],
+    )
+    .await;
+    eventually("AllocationChanged once the status is written", || async {
+        let seen = events();
+        if two_pods(&seen) >= 1 {
+            Ok(())
+        } else {
+            Err(seen)
+        }
+    })
+    .await;
 }

@@ -11,7 +11,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::PostParams;
 use kube::{Api, Client};
-use saleslayer_operator::api::SalesLayerIntegration;
+use saleslayer_core::api::{SalesLayerAccount, SalesLayerIntegration};
 use saleslayer_operator::leader::LABEL_LEADER;
 use serde_json::{Value, json};
 
@@ -374,6 +374,108 @@ async fn one_leader_writes_and_another_takes_over_when_it_dies() {
         );
     }
     c.kill();
+}
+
+/// The effective budget lives in the account's status, so a new leader
+/// starts from it instead of from the whole usable budget: a leader that
+/// lowered it and died does not hand the next one a fresh start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_keeps_the_lowered_budget() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = Env::with_crd().await;
+    env.namespace(NAMESPACE).await;
+    env.namespace("shop").await;
+    for name in ["operator-a", "operator-b"] {
+        operator_pod(&env.client, name).await;
+    }
+    let (ok, out) = env.kubectl_apply(INTEGRATION);
+    assert!(ok, "{out}");
+    // What a leader that saw Sales Layer throttle left behind: 20 of 40.
+    env.kubectl(&[
+        "patch",
+        "sla",
+        "acme-prod",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status": {"effective": {"requests": 20, "periodSeconds": 10}}}"#,
+    ]);
+    let effective = || async {
+        let sla = Api::<SalesLayerAccount>::all(env.client.clone())
+            .get("acme-prod")
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = sla.status.ok_or("no status")?;
+        let effective = status.effective.ok_or("no effective")?.requests;
+        // Written by a leader, not just by the patch above: it has conditions.
+        if status.conditions.is_empty() {
+            return Err("no leader wrote the account yet".to_owned());
+        }
+        Ok(effective)
+    };
+    let usable_of_integration = || async {
+        let sli = Api::<SalesLayerIntegration>::namespaced(env.client.clone(), "shop")
+            .get("catalog")
+            .await
+            .map_err(|e| e.to_string())?;
+        sli.status
+            .and_then(|s| s.usable)
+            .map(|u| u.requests)
+            .ok_or_else(|| "no status".to_owned())
+    };
+
+    let logs = tempfile::tempdir().expect("log directory");
+    let mut a = Replica::start(&env, "operator-a", logs.path());
+    let first = eventually("operator-a's account status", effective).await;
+    // At most a window or two of +1 since it took over.
+    assert!((20..=22).contains(&first), "started from {first}, not 20");
+    let planned = eventually("the integration planned on it", || async {
+        let planned = usable_of_integration().await?;
+        if planned <= 22 {
+            Ok(planned)
+        } else {
+            Err(format!("planned on {planned}"))
+        }
+    })
+    .await;
+    assert!(planned >= 20, "{planned}");
+
+    a.kill();
+    let _b = Replica::start(&env, "operator-b", logs.path());
+    eventually("operator-b leads", || async {
+        match lease(&env.client).await? {
+            (Some(holder), _) if holder == "operator-b" => Ok(()),
+            seen => Err(format!("{seen:?}")),
+        }
+    })
+    .await;
+    // A spec change only a leader's write can acknowledge (generation 2):
+    // the budget operator-b writes continues from what operator-a left,
+    // a window's +1 at most per 10 s since.
+    env.kubectl(&[
+        "patch",
+        "sla",
+        "acme-prod",
+        "--type=merge",
+        "-p",
+        r#"{"spec": {"adaptive": {"decreasePercent": 31}}}"#,
+    ]);
+    let after = eventually("operator-b's account status", || async {
+        let sla = Api::<SalesLayerAccount>::all(env.client.clone())
+            .get("acme-prod")
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = sla.status.ok_or("no status")?;
+        match (status.observed_generation, status.effective) {
+            (Some(2), Some(effective)) => Ok(effective.requests),
+            seen => Err(format!("{seen:?}")),
+        }
+    })
+    .await;
+    assert!(
+        (first..=first + 4).contains(&after),
+        "operator-a left {first}, operator-b wrote {after}"
+    );
 }
 
 #[test]

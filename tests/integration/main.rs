@@ -1,5 +1,5 @@
 //! Integration tests against a real control plane (etcd + kube-apiserver from
-//! `tests/testenv/`, started per test by `saleslayer_operator::testenv`).
+//! `tests/testenv/`, started per test by `saleslayer_testenv`).
 //! One test binary, one module per part.
 
 mod chart;

@@ -8,18 +8,25 @@ use axum::Json;
 use axum::routing::post;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
-use saleslayer_operator::api::SalesLayerIntegration;
+use saleslayer_core::api::{SalesLayerAccount, SalesLayerIntegration};
 use serde_json::{Value, json};
 
 use crate::support::{Env, eventually, free_port};
 
-/// Persistent after 2 throttled windows of 1 s, so the test is quick.
+/// Windows of 1 s, so the tests are quick: 50 per second, 40 usable.
+const ACCOUNT: &str = "apiVersion: saleslayer.io/v1alpha1
+kind: SalesLayerAccount
+metadata: {name: acme-prod}
+spec:
+  limit: {requests: 50, periodSeconds: 1}
+";
+
+/// Persistent after 2 throttled windows.
 const INTEGRATION: &str = "apiVersion: saleslayer.io/v1alpha1
 kind: SalesLayerIntegration
 metadata: {name: catalog, namespace: shop}
 spec:
   account: acme-prod
-  limit: {requests: 50, periodSeconds: 1}
   jobs:
   - {name: product-import, weight: 3}
   - {name: price-sync, weight: 1}
@@ -59,7 +66,7 @@ fn report(pod: &str, job: &str, throttled: u64) -> Vec<u8> {
 }
 
 async fn token_for(env: &Env, pod: &Pod) -> String {
-    saleslayer_operator::testenv::pod_token(&env.client, pod, 600)
+    saleslayer_testenv::pod_token(&env.client, pod, 600)
         .await
         .expect("token request")
         .expect("a token")
@@ -103,6 +110,8 @@ async fn setup() -> (Env, Quota, Arc<Mutex<Vec<Value>>>) {
     );
     assert!(ok, "{out}");
 
+    let (ok, out) = env.kubectl_apply(ACCOUNT);
+    assert!(ok, "{out}");
     let (ok, out) = env.kubectl_apply(INTEGRATION);
     assert!(ok, "{out}");
     let ca = env.ca_pem("shop").await;
@@ -190,14 +199,16 @@ async fn pods_lease_with_their_own_token_only() {
         .text()
         .await
         .expect("text");
-    let job = r#"namespace="shop",integration="catalog",job="product-import""#;
+    let job =
+        r#"integration_namespace="shop",integration="catalog",saleslayer_job="product-import""#;
     for line in [
         format!("saleslayer_lease_grants_total{{{job}}} 1"),
         format!("saleslayer_requests_total{{{job},code=\"200\"}} 10"),
         r#"saleslayer_lease_refusals_total{outcome="NotYourPod"} 1"#.to_owned(),
         r#"saleslayer_lease_refusals_total{outcome="NoToken"} 1"#.to_owned(),
         r#"saleslayer_lease_refusals_total{outcome="BodyTooLarge"} 1"#.to_owned(),
-        r#"saleslayer_usable_requests{account="acme-prod"} 40"#.to_owned(),
+        r#"saleslayer_account_usable_requests{account="acme-prod"} 40"#.to_owned(),
+        r#"saleslayer_account_effective_requests{account="acme-prod"} 40"#.to_owned(),
     ] {
         assert!(text.contains(&line), "no {line:?} in:\n{text}");
     }
@@ -222,7 +233,7 @@ async fn persistent_throttling_fires_and_resolves() {
     let price = env.pod("shop", "price-0", "catalog", "price-sync").await;
     let token = token_for(&env, &price).await;
     let slis = Api::<SalesLayerIntegration>::namespaced(env.client.clone(), "shop");
-    let condition = |status: Option<saleslayer_operator::api::SalesLayerIntegrationStatus>| {
+    let condition = |status: Option<saleslayer_core::api::SalesLayerIntegrationStatus>| {
         status
             .and_then(|s| {
                 s.conditions
@@ -495,4 +506,134 @@ async fn idle_demand_is_lent_and_returns_when_pods_queue() {
         }
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_despite_pacing_lowers_the_budget_and_clean_windows_raise_it() {
+    let (env, quota, _) = setup().await;
+    // Windows of 2 s: the lowered budget stays visible for a few seconds
+    // even on a busy machine (12 clean windows bring 28 back to 40).
+    let (ok, out) = env.kubectl_apply(&ACCOUNT.replace("periodSeconds: 1", "periodSeconds: 2"));
+    assert!(ok, "{out}");
+    let import = env
+        .pod("shop", "import-0", "catalog", "product-import")
+        .await;
+    let token = token_for(&env, &import).await;
+    let accounts = Api::<SalesLayerAccount>::all(env.client.clone());
+    let effective = || async {
+        accounts
+            .get("acme-prod")
+            .await
+            .map_err(|e| e.to_string())?
+            .status
+            .and_then(|s| s.effective)
+            .map(|e| e.requests)
+            .ok_or_else(|| "no effective budget yet".to_owned())
+    };
+    let lease = |throttled: u64| {
+        let (quota, token) = (&quota, &token);
+        async move {
+            let (status, grant) = quota
+                .post(Some(token), report("import-0", "product-import", throttled))
+                .await;
+            if status == 200 {
+                Ok(grant["requests"].as_u64().unwrap_or(0))
+            } else {
+                Err(format!("{status} {grant}"))
+            }
+        }
+    };
+    eventually("the whole budget at first", || async {
+        lease(0).await?;
+        match effective().await? {
+            40 => Ok(()),
+            other => Err(other.to_string()),
+        }
+    })
+    .await;
+
+    // Sales Layer throttles the paced pod: the account sends less (AIMD:
+    // 40 × 0.7 = 28 at once), says why, and the grants follow.
+    lease(2).await.expect("a throttled report is still a lease");
+    let lowered = eventually("the effective budget lowered", || async {
+        match effective().await? {
+            e if e < 40 => Ok(e),
+            other => Err(other.to_string()),
+        }
+    })
+    .await;
+    assert!(lowered <= 28, "{lowered}");
+    let granted = eventually("a grant within the lowered budget", || async {
+        let granted = lease(0).await?;
+        // import-0 is the only pod of product-import (weight 3 of 4).
+        if granted <= u64::from(lowered) * 3 / 4 + 1 {
+            Ok(granted)
+        } else {
+            Err(format!("granted {granted} of a lowered {lowered}"))
+        }
+    })
+    .await;
+    assert!(granted > 0);
+    let adapting = env.kubectl(&[
+        "get",
+        "sla",
+        "acme-prod",
+        "-o",
+        "jsonpath={.status.conditions[?(@.type==\"Adapting\")].status}/{.status.conditions[?(@.type==\"Adapting\")].reason}",
+    ]);
+    assert!(adapting.starts_with("True/"), "{adapting}");
+    for (namespace_flag, object) in [(vec!["-A"], "acme-prod"), (vec!["-n", "shop"], "catalog")] {
+        eventually(&format!("Warning BudgetLowered about {object}"), || async {
+            let mut args = vec!["get", "events"];
+            args.extend(namespace_flag.iter().copied());
+            args.extend([
+                "-o",
+                "jsonpath={range .items[*]}{.type}/{.reason}/{.involvedObject.name}{'\\n'}{end}",
+            ]);
+            let events = env.kubectl(&args);
+            if events
+                .lines()
+                .any(|l| l == format!("Warning/BudgetLowered/{object}"))
+            {
+                Ok(())
+            } else {
+                Err(events)
+            }
+        })
+        .await;
+    }
+
+    // Clean windows: one more request per window, back to the whole budget.
+    eventually("the effective budget back to 40", || async {
+        lease(0).await?;
+        match effective().await? {
+            40 => Ok(()),
+            other => Err(other.to_string()),
+        }
+    })
+    .await;
+    let table = env.kubectl(&["get", "sla"]);
+    let mut lines = table.lines();
+    let header: Vec<&str> = lines.next().expect("header").split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "NAME",
+            "LIMIT",
+            "USABLE",
+            "EFFECTIVE",
+            "INTEGRATIONS",
+            "PODS",
+            "THROTTLING",
+            "READY",
+            "AGE"
+        ]
+    );
+    let row: Vec<&str> = lines.next().expect("a row").split_whitespace().collect();
+    assert_eq!(
+        &row[..4],
+        ["acme-prod", "50/2s", "40/2s", "40/2s"],
+        "{table}"
+    );
+    assert_eq!(row[4], "1", "{table}");
 }

@@ -2,13 +2,13 @@
 //! seen by real `kubectl`, and bound service-account tokens are issued and
 //! authenticated (the quota API relies on both).
 
-use k8s_openapi::api::authentication::v1::{
-    BoundObjectReference, TokenRequest, TokenRequestSpec, TokenReview, TokenReviewSpec,
-};
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, PodSpec, ServiceAccount};
 use kube::Api;
 use kube::api::{ObjectMeta, PostParams};
-use saleslayer_operator::testenv::ControlPlane;
+use saleslayer_testenv::ControlPlane;
+
+use crate::support::succeed;
 
 fn meta(name: &str) -> ObjectMeta {
     ObjectMeta {
@@ -34,36 +34,21 @@ async fn kubectl_reads_what_the_client_wrote() {
         .await
         .expect("create configmap");
 
-    let out = plane
-        .kubectl()
-        .args([
-            "get",
-            "namespace",
-            "smoke",
-            "-o",
-            "jsonpath={.metadata.name}",
-        ])
-        .output()
-        .expect("kubectl runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let name = succeed(plane.kubectl().args([
+        "get",
+        "namespace",
+        "smoke",
+        "-o",
+        "jsonpath={.metadata.name}",
+    ]));
+    assert_eq!(name, "smoke");
+    let hello = succeed(
+        plane
+            .kubectl()
+            .args(["-n", "smoke", "get", "configmap", "greeting"])
+            .args(["-o", "jsonpath={.data.hello}"]),
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "smoke");
-
-    let out = plane
-        .kubectl()
-        .args(["-n", "smoke", "get", "configmap", "greeting"])
-        .args(["-o", "jsonpath={.data.hello}"])
-        .output()
-        .expect("kubectl runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "world");
+    assert_eq!(hello, "world");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -101,29 +86,10 @@ async fn pod_bound_token_passes_token_review() {
         .await
         .expect("create pod");
 
-    let bound = |audience: &str| TokenRequest {
-        spec: Some(TokenRequestSpec {
-            audiences: Some(vec![audience.to_owned()]),
-            expiration_seconds: Some(600),
-            bound_object_ref: Some(BoundObjectReference {
-                kind: Some("Pod".into()),
-                api_version: Some("v1".into()),
-                name: pod.metadata.name.clone(),
-                uid: pod.metadata.uid.clone(),
-            }),
-            ..TokenRequestSpec::default()
-        }),
-        ..TokenRequest::default()
-    };
-    let issued = accounts
-        .create_token_request(
-            "importer",
-            &PostParams::default(),
-            &bound("saleslayer-operator"),
-        )
+    let token = saleslayer_testenv::bound_token(&client, &pod, "saleslayer-operator", 600)
         .await
-        .expect("token request");
-    let token = issued.status.and_then(|s| s.token).expect("a token");
+        .expect("token request")
+        .expect("a token");
     assert!(!token.is_empty());
 
     let review = TokenReview {
@@ -152,13 +118,13 @@ async fn pod_bound_token_passes_token_review() {
     assert_eq!(status.audiences, Some(vec!["saleslayer-operator".into()]));
 
     // A token for another audience is not accepted for ours.
-    let issued = accounts
-        .create_token_request("importer", &PostParams::default(), &bound("someone-else"))
+    let elsewhere = saleslayer_testenv::bound_token(&client, &pod, "someone-else", 600)
         .await
-        .expect("token request");
+        .expect("token request")
+        .expect("a token");
     let review = TokenReview {
         spec: TokenReviewSpec {
-            token: issued.status.and_then(|s| s.token).expect("a token"),
+            token: elsewhere,
             audiences: Some(vec!["saleslayer-operator".into()]),
         },
         ..TokenReview::default()

@@ -1,5 +1,6 @@
-//! Shared by the integration tests: a control plane with the CRD installed,
-//! the controller running in-process, and waiting on observed state.
+//! Shared by the integration tests: a control plane with the CRDs installed
+//! and the documented account `acme-prod`, the operator running in-process,
+//! and waiting on observed state.
 
 use std::future::Future;
 use std::path::Path;
@@ -8,8 +9,22 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::PostParams;
 use kube::{Api, Client};
-pub use saleslayer_operator::testenv::{ControlPlane, free_port, labelled_pod};
+pub use saleslayer_testenv::{ControlPlane, free_port, labelled_pod};
 use tokio::sync::oneshot;
+
+#[path = "../support/operator.rs"]
+mod operator;
+pub use operator::run_args;
+
+/// The account most tests use: the documented 50 requests per 10 s with
+/// 20 % headroom (40 usable), open to every namespace.
+pub const ACME_PROD: &str = "apiVersion: saleslayer.io/v1alpha1
+kind: SalesLayerAccount
+metadata: {name: acme-prod}
+spec:
+  limit: {requests: 50, periodSeconds: 10}
+  headroomPercent: 20
+";
 
 /// How long any awaited state may take to appear.
 pub const DEADLINE: Duration = Duration::from_secs(30);
@@ -27,34 +42,20 @@ pub struct Env {
 }
 
 impl Env {
-    /// Control plane + CRD, no controller.
-    pub async fn with_crd() -> Self {
+    /// Control plane + CRDs, no account, no controller.
+    pub async fn bare() -> Self {
         let plane = ControlPlane::start().await.expect("control plane starts");
         let client = plane.client().await.expect("client");
-        let crd = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("crds/saleslayer.io_saleslayerintegrations.yaml");
-        let out = plane
-            .kubectl()
-            .arg("apply")
-            .arg("-f")
-            .arg(&crd)
-            .output()
-            .expect("kubectl runs");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let out = plane
-            .kubectl()
-            .args(["wait", "--for=condition=Established", "--timeout=30s"])
-            .args(["crd/saleslayerintegrations.saleslayer.io"])
-            .output()
-            .expect("kubectl runs");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("crds");
+        succeed(plane.kubectl().arg("apply").arg("-f").arg(&crds));
+        succeed(
+            plane
+                .kubectl()
+                .args(["wait", "--for=condition=Established", "--timeout=30s"])
+                .args([
+                    "crd/saleslayeraccounts.saleslayer.io",
+                    "crd/saleslayerintegrations.saleslayer.io",
+                ]),
         );
         Self {
             plane,
@@ -65,16 +66,19 @@ impl Env {
         }
     }
 
-    /// Control plane + CRD + the controller.
-    pub async fn with_controller() -> Self {
-        let mut env = Self::with_crd().await;
-        let (stop, stopped) = oneshot::channel::<()>();
-        let client = env.client.clone();
-        tokio::spawn(saleslayer_operator::controller::run(client, async move {
-            let _ = stopped.await;
-        }));
-        env.stop = Some(stop);
+    /// Control plane + CRDs + the account `acme-prod`, no controller.
+    pub async fn with_crd() -> Self {
+        let env = Self::bare().await;
+        let (ok, output) = env.kubectl_apply(ACME_PROD);
+        assert!(ok, "the account applies: {output}");
         env
+    }
+
+    /// Control plane + CRD + the operator without a registered webhook
+    /// (as `run` without `--webhook-url` out of cluster): the controller
+    /// and the quota API, pods created without injection.
+    pub async fn with_controller() -> Self {
+        Self::start_operator(|args| args.webhook_url = None, false).await
     }
 
     /// Control plane + CRD + the whole operator (controller and webhook),
@@ -87,9 +91,16 @@ impl Env {
     pub async fn with_operator_args(
         adjust: impl FnOnce(&mut saleslayer_operator::cli::RunArgs),
     ) -> Self {
+        Self::start_operator(adjust, true).await
+    }
+
+    async fn start_operator(
+        adjust: impl FnOnce(&mut saleslayer_operator::cli::RunArgs),
+        registered: bool,
+    ) -> Self {
         let mut env = Self::with_crd().await;
         env.namespace("saleslayer-system").await;
-        let (mut args, ports) = saleslayer_operator::testenv::run_args("saleslayer-system");
+        let (mut args, ports) = run_args("saleslayer-system");
         adjust(&mut args);
         env.quota_port = ports.quota;
         env.metrics_port = ports.metrics;
@@ -103,6 +114,9 @@ impl Env {
             },
         ));
         env.stop = Some(stop);
+        if !registered {
+            return env;
+        }
         // Ready once the webhook configuration is registered (after the server listens).
         let client = env.client.clone();
         eventually("the webhook configuration", || {
@@ -183,18 +197,7 @@ impl Env {
     }
 
     pub fn kubectl(&self, args: &[&str]) -> String {
-        let out = self
-            .plane
-            .kubectl()
-            .args(args)
-            .output()
-            .expect("kubectl runs");
-        assert!(
-            out.status.success(),
-            "kubectl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        succeed(self.plane.kubectl().args(args))
     }
 
     /// Create a pod labelled for `integration`/`job`.
@@ -215,6 +218,17 @@ impl Drop for Env {
             let _ = stop.send(());
         }
     }
+}
+
+/// Run `command`, which must succeed; its stdout.
+pub fn succeed(command: &mut std::process::Command) -> String {
+    let out = command.output().expect("the command runs");
+    assert!(
+        out.status.success(),
+        "{command:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Poll `check` until it yields `Some`, or panic with the last observation

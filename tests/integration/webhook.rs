@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{Container, Pod};
 use kube::Api;
 use kube::api::{ObjectMeta, PostParams};
-use saleslayer_operator::api::SalesLayerIntegration;
+use saleslayer_core::api::SalesLayerIntegration;
 
 use crate::support::{Env, eventually, labelled_pod};
 
@@ -337,6 +337,71 @@ async fn certificate_files_replace_the_operators_own_ca() {
     .await
     .expect("read secret");
     assert!(secret.is_none());
+
+    // cert-manager renews with another CA: the next handshake serves the new
+    // certificate (a client that trusts only the new CA gets through), the
+    // webhook trusts the new CA, and pods get it in their CA ConfigMap —
+    // without a restart.
+    let renewed_ca = saleslayer_operator::certs::Authority::generate().expect("CA");
+    let renewed = renewed_ca
+        .issue(&["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .expect("serving certificate");
+    std::fs::write(path("ca.crt"), &renewed_ca.ca_pem).expect("write");
+    std::fs::write(path("tls.crt"), &renewed.cert_pem).expect("write");
+    std::fs::write(path("tls.key"), &renewed.key_pem).expect("write");
+    let trusting_the_new_ca = reqwest::Client::builder()
+        .tls_certs_only(
+            reqwest::Certificate::from_pem_bundle(renewed_ca.ca_pem.as_bytes()).expect("PEM"),
+        )
+        .build()
+        .expect("client");
+    let quota = format!("https://127.0.0.1:{}/v1/leases", env.quota_port);
+    eventually("the renewed certificate served", || async {
+        trusting_the_new_ca
+            .post(&quota)
+            .body("{}")
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("{e:?}"))
+    })
+    .await;
+    eventually("the webhook trusts the renewed CA", || async {
+        let bundle =
+            Api::<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration>::all(
+                env.client.clone(),
+            )
+            .get("saleslayer-operator")
+            .await
+            .map_err(|e| e.to_string())?
+            .webhooks
+            .and_then(|w| w.into_iter().next())
+            .and_then(|w| w.client_config.ca_bundle)
+            .ok_or("no caBundle")?;
+        if bundle.0 == renewed_ca.ca_pem.as_bytes() {
+            Ok(())
+        } else {
+            Err("the old CA".to_owned())
+        }
+    })
+    .await;
+    eventually("pods get the renewed CA", || async {
+        let published = env.ca_pem("shop").await;
+        if published == renewed_ca.ca_pem {
+            Ok(())
+        } else {
+            Err("the old CA".to_owned())
+        }
+    })
+    .await;
+    // And admission still works through the renewed certificate.
+    Api::<Pod>::namespaced(env.client.clone(), "shop")
+        .create(
+            &PostParams::default(),
+            &labelled(Some("import-1"), None, "product-import"),
+        )
+        .await
+        .expect("pod admitted through the renewed certificate");
 }
 
 /// `saleslayer.io/proxy: "true"`: the API server accepts the pod with the
@@ -361,7 +426,10 @@ async fn the_proxy_annotation_gets_a_native_sidecar_the_api_server_accepts() {
     let sidecar = &init[0];
     assert_eq!(sidecar.name, "saleslayer-proxy");
     assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
-    assert_eq!(sidecar.args, Some(vec!["proxy".to_owned()]));
+    assert_eq!(
+        sidecar.command,
+        Some(vec![saleslayer_contract::PROXY_COMMAND.to_owned()])
+    );
     let sidecar_env = env_of(sidecar);
     assert_eq!(
         sidecar_env.get("SALESLAYER_JOB").map(String::as_str),
@@ -388,4 +456,51 @@ async fn the_proxy_annotation_gets_a_native_sidecar_the_api_server_accepts() {
         refused.to_string().contains("saleslayer.io/proxy"),
         "{refused}"
     );
+}
+
+/// Issue 12 item 8: a CA ConfigMap deleted (or changed) by someone else is
+/// published again at once, so new injected pods of that namespace start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_ca_configmap_is_restored() {
+    let env = Env::with_operator().await;
+    env.namespace("shop").await;
+    ready(&env).await;
+    let ca = env.ca_pem("shop").await;
+    let maps = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(env.client.clone(), "shop");
+    maps.delete("saleslayer-operator-ca", &Default::default())
+        .await
+        .expect("deleted");
+    eventually("the CA ConfigMap back", || async {
+        match maps
+            .get_opt("saleslayer-operator-ca")
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            Some(map) if map.data.as_ref().and_then(|d| d.get("ca.crt")) == Some(&ca) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    env.kubectl(&[
+        "-n",
+        "shop",
+        "patch",
+        "configmap",
+        "saleslayer-operator-ca",
+        "--type=merge",
+        "-p",
+        r#"{"data": {"ca.crt": "tampered"}}"#,
+    ]);
+    eventually("the CA ConfigMap repaired", || async {
+        let map = maps
+            .get("saleslayer-operator-ca")
+            .await
+            .map_err(|e| e.to_string())?;
+        if map.data.as_ref().and_then(|d| d.get("ca.crt")) == Some(&ca) {
+            Ok(())
+        } else {
+            Err(format!("{:?}", map.data))
+        }
+    })
+    .await;
 }

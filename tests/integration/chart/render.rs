@@ -61,15 +61,16 @@ fn container_env(deployment: &Value) -> std::collections::BTreeMap<String, Strin
 }
 
 #[test]
-fn chart_crd_is_the_repository_crd() {
+fn chart_crds_are_the_repository_crds() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let file = "saleslayer.io_saleslayerintegrations.yaml";
-    let repository = std::fs::read(root.join("crds").join(file)).expect("crds/ holds the CRD");
-    let copy = std::fs::read(chart().join("crds").join(file)).expect("the chart holds the CRD");
-    assert!(
-        repository == copy,
-        "charts/saleslayer-operator/crds/{file} differs from crds/{file}: run `make crds`"
-    );
+    for file in saleslayer_core::api::CRD_FILES {
+        let repository = std::fs::read(root.join("crds").join(file)).expect("crds/ holds the CRD");
+        let copy = std::fs::read(chart().join("crds").join(file)).expect("the chart holds the CRD");
+        assert!(
+            repository == copy,
+            "charts/saleslayer-operator/crds/{file} differs from crds/{file}: run `make crds`"
+        );
+    }
 }
 
 #[test]
@@ -196,6 +197,21 @@ fn chart_lints_and_renders_with_defaults_and_every_option() {
     ] {
         assert!(rule.contains(alert), "no {alert} in {rule}");
     }
+    // The NetworkPolicy admits the API server to the webhook, labelled pods
+    // to the quota API, Prometheus to /metrics; nothing else.
+    let policy = find(&every, "NetworkPolicy", RELEASE);
+    let ingress = policy["spec"]["ingress"].as_array().expect("ingress rules");
+    let port = |rule: &Value| rule["ports"][0]["port"].as_u64();
+    assert_eq!(
+        ingress.iter().map(port).collect::<Vec<_>>(),
+        [Some(9443), Some(8443), Some(8080)]
+    );
+    assert_eq!(ingress[0]["from"][0]["ipBlock"]["cidr"], "10.0.0.1/32");
+    assert_eq!(
+        ingress[1]["from"][0]["podSelector"]["matchExpressions"][0]["key"],
+        "saleslayer.io/integration"
+    );
+    assert_eq!(policy["spec"]["policyTypes"], json!(["Ingress"]));
     let configuration = find(&every, "MutatingWebhookConfiguration", RELEASE);
     assert_eq!(
         configuration["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],

@@ -1,0 +1,180 @@
+//! What each job wants, from what its pods report. Pure; time is a parameter.
+//!
+//! Each pod's report says what it sent since its previous one and what it
+//! has waiting now. A pod's demand is the rate it sent at over the interval
+//! its report covers, in requests per period of the account's limit, plus
+//! its backlog (`queued` is a gauge: it counts once, however often the pod
+//! reports). A job's demand is the sum over its pods that reported within
+//! [`horizon`]; with none, the job has no known demand. Rates, not sums per
+//! window, so that how often pods report (every 5 s) and how long the
+//! limit's period is (10 s, or 1 s in a benchmark) do not change the figure.
+//!
+//! With `lendIdleCapacity`, the allocation caps a job at its demand (never
+//! below its floor), so capacity a job does not use goes to jobs that queue,
+//! and returns as soon as the job reports queued work again.
+
+use std::collections::HashMap;
+
+use crate::allocation::JobKey;
+
+use crate::lease_book::DEFAULT_TTL_MILLIS;
+
+/// A pod's report, as the demand book needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct Report<'a> {
+    pub job: &'a JobKey,
+    pub pod: &'a str,
+    /// Requests sent since the pod's previous report.
+    pub sent: u64,
+    /// Requests waiting for capacity right now.
+    pub queued: u64,
+}
+
+/// A pod's last report.
+#[derive(Debug, Clone, Copy)]
+struct PodDemand {
+    at_millis: u64,
+    sent: u64,
+    /// The time that report covers (since the pod's previous one).
+    over_millis: u64,
+    queued: u64,
+}
+
+impl PodDemand {
+    /// Requests per `period_millis`, rounded up, plus the backlog.
+    fn per_period(&self, period_millis: u64) -> u64 {
+        let rate = u128::from(self.sent) * u128::from(period_millis);
+        let per_period = rate.div_ceil(u128::from(self.over_millis.max(1)));
+        u64::try_from(per_period)
+            .unwrap_or(u64::MAX)
+            .saturating_add(self.queued)
+    }
+}
+
+/// How long a report counts: two periods, and never less than a lease's TTL
+/// (a pod that keeps its lease reports at least that often).
+pub fn horizon(period_millis: u64) -> u64 {
+    let ttl = DEFAULT_TTL_MILLIS;
+    period_millis.saturating_mul(2).max(ttl)
+}
+
+/// Demand per job.
+#[derive(Debug, Default)]
+pub struct DemandBook {
+    jobs: HashMap<JobKey, HashMap<String, PodDemand>>,
+}
+
+impl DemandBook {
+    /// Fold a pod's report in at `now`. Returns whether the job's known
+    /// demand changed.
+    pub fn report(&mut self, report: Report<'_>, now_millis: u64, period_millis: u64) -> bool {
+        let before = self.demand(report.job, now_millis, period_millis);
+        let horizon = horizon(period_millis);
+        let pods = self.jobs.entry(report.job.clone()).or_default();
+        pods.retain(|_, pod| now_millis.saturating_sub(pod.at_millis) <= horizon);
+        // A first report (or one after a long silence) covers one period.
+        let over_millis = pods
+            .get(report.pod)
+            .map(|previous| now_millis.saturating_sub(previous.at_millis))
+            .filter(|&over| over > 0)
+            .unwrap_or(period_millis);
+        pods.insert(
+            report.pod.to_owned(),
+            PodDemand {
+                at_millis: now_millis,
+                sent: report.sent,
+                over_millis,
+                queued: report.queued,
+            },
+        );
+        before != self.demand(report.job, now_millis, period_millis)
+    }
+
+    /// Requests per period the job wants, if one of its pods reported recently.
+    pub fn demand(&self, job: &JobKey, now_millis: u64, period_millis: u64) -> Option<u32> {
+        let horizon = horizon(period_millis);
+        let mut recent = self
+            .jobs
+            .get(job)?
+            .values()
+            .filter(|pod| now_millis.saturating_sub(pod.at_millis) <= horizon)
+            .peekable();
+        recent.peek()?;
+        let wanted = recent.fold(0u64, |sum, pod| {
+            sum.saturating_add(pod.per_period(period_millis))
+        });
+        Some(u32::try_from(wanted).unwrap_or(u32::MAX))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: u64 = 10_000;
+
+    fn job() -> JobKey {
+        JobKey::new("shop", "catalog", "import")
+    }
+
+    fn sent<'a>(job: &'a JobKey, pod: &'a str, sent: u64, queued: u64) -> Report<'a> {
+        Report {
+            job,
+            pod,
+            sent,
+            queued,
+        }
+    }
+
+    #[test]
+    fn demand_is_the_rate_sent_per_period_whatever_the_report_interval() {
+        let job = job();
+        let mut book = DemandBook::default();
+        assert_eq!(book.demand(&job, 0, P), None);
+        assert!(book.report(sent(&job, "a", 0, 0), 0, P));
+        // 6 requests in 5 s is 12 per 10 s.
+        book.report(sent(&job, "a", 6, 0), 5_000, P);
+        assert_eq!(book.demand(&job, 6_000, P), Some(12));
+        // Reporting ten times as often at the same rate changes nothing.
+        for step in 1..=10 {
+            book.report(sent(&job, "a", 1, 0), 5_000 + step * 833, P);
+        }
+        assert_eq!(
+            book.demand(&job, 14_000, P),
+            Some(13),
+            "1 per 833 ms, rounded up"
+        );
+        // The same rate against a 1 s period.
+        assert_eq!(book.demand(&job, 14_000, 1_000), Some(2));
+    }
+
+    #[test]
+    fn backlog_is_a_gauge_per_pod_not_a_sum_of_reports() {
+        let job = job();
+        let mut book = DemandBook::default();
+        for at in 0..50 {
+            book.report(sent(&job, "a", 0, 20), at * 100, P);
+        }
+        assert_eq!(book.demand(&job, 5_000, P), Some(20), "fifty reports of 20");
+        book.report(sent(&job, "b", 0, 5), 5_100, P);
+        assert_eq!(book.demand(&job, 5_200, P), Some(25), "two pods add up");
+        book.report(sent(&job, "a", 0, 0), 5_300, P);
+        assert_eq!(book.demand(&job, 5_400, P), Some(5), "a drained pod");
+    }
+
+    #[test]
+    fn silence_forgets_demand_after_the_horizon() {
+        let job = job();
+        let mut book = DemandBook::default();
+        book.report(sent(&job, "a", 5, 3), 0, P);
+        assert_eq!(book.demand(&job, 20_000, P), Some(8));
+        assert_eq!(book.demand(&job, 20_001, P), None);
+        // With a 1 s period a report still counts for a lease TTL.
+        book.report(sent(&job, "b", 1, 0), 30_000, 1_000);
+        assert_eq!(book.demand(&job, 45_000, 1_000), Some(1));
+        assert_eq!(book.demand(&job, 45_001, 1_000), None);
+        // The silent pod's old report no longer counts once it reports again late.
+        book.report(sent(&job, "b", 2, 0), 100_000, 1_000);
+        assert_eq!(book.demand(&job, 100_000, 1_000), Some(2));
+    }
+}

@@ -1,0 +1,364 @@
+//! The reconcile of one `SalesLayerAccount`: validate it, count what uses
+//! it, step its effective budget (AIMD over its windows, on the throttled
+//! responses its pods reported), and write its status.
+//!
+//! A lowered or restored budget is written at once, since every plan on the
+//! account reads it from the account's status (so a new leader starts from
+//! it too); counts and messages that alone changed are written at most once
+//! per window. While the account adapts it is looked at again at each
+//! window's end, so a clean window raises the budget even if nobody reports.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
+use saleslayer_core::account::{
+    self, AccountCounts, AccountThrottleView, ValidatedAccount, conditions,
+};
+use saleslayer_core::adaptation::Adaptation;
+use saleslayer_core::api::{SalesLayerAccount, SalesLayerAccountStatus};
+use saleslayer_core::plan::show_budget;
+use saleslayer_runtime::clock::wall_millis;
+use tracing::{Instrument, info, warn};
+
+use super::apply::patch_account_status;
+use super::events::{self, Announcement};
+use super::{Context, Error, RESYNC};
+use crate::metrics::{AccountLabels, OutcomeLabels};
+
+pub(super) async fn reconcile(
+    sla: Arc<SalesLayerAccount>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    if !ctx.leadership.is_leader() {
+        return Ok(Action::await_change());
+    }
+    if !ctx.stores.pods_listed() {
+        return Ok(Action::requeue(Duration::from_millis(200)));
+    }
+    ctx.metrics.reconciles.inc();
+    let span = tracing::info_span!("reconcile_account", account = %sla.name_any());
+    reconcile_inner(sla, &ctx).instrument(span).await
+}
+
+async fn reconcile_inner(sla: Arc<SalesLayerAccount>, ctx: &Context) -> Result<Action, Error> {
+    let now = Time(Timestamp::now());
+    let account = match account::validate_account(&sla) {
+        Ok(account) => account,
+        Err(invalid) => {
+            warn!(%invalid, "invalid account");
+            let status = account::invalid_account_status(&sla, &invalid, now);
+            if sla.status.as_ref() != Some(&status) {
+                patch_account_status(ctx, &sla, &status).await?;
+            }
+            return Ok(Action::requeue(RESYNC));
+        }
+    };
+    let now_ms = wall_millis();
+    let window = account.window_of(now_ms);
+    let (effective, throttling) = step(ctx, &account, window);
+    let plan = ctx.stores.account_plan(&account, None, now_ms);
+    let counts = AccountCounts {
+        integrations: u32::try_from(plan.members.len()).unwrap_or(u32::MAX),
+        jobs: u32::try_from(plan.allocation.jobs.len()).unwrap_or(u32::MAX),
+        pods: plan.allocation.jobs.iter().map(|j| j.pods).sum(),
+    };
+    let previous = sla.status.as_ref();
+    let status = account::account_status(&account, effective, counts, throttling, previous, now);
+    record(
+        ctx,
+        &account,
+        effective,
+        plan.allocation.overcommit.is_some(),
+    );
+
+    let before = previous
+        .and_then(|p| p.effective.as_ref())
+        .map(|e| e.requests);
+    let moved = before != Some(effective);
+    let me = ObjectRef::from_obj(sla.as_ref());
+    let written_this_window = ctx
+        .account_windows
+        .lock()
+        .ok()
+        .and_then(|w| w.get(&me).copied())
+        == Some(window);
+    let write = match previous {
+        None => true,
+        Some(previous) if significant(previous) != significant(&status) || moved => true,
+        Some(previous) => !same(previous, &status) && !written_this_window,
+    };
+    if write {
+        ctx.fence()?;
+        patch_account_status(ctx, &sla, &status).await?;
+        if let Ok(mut windows) = ctx.account_windows.lock() {
+            windows.insert(me, window);
+        }
+        if let Some(before) = before.filter(|_| moved) {
+            announce(ctx, &sla, &account, before, effective).await;
+        }
+    }
+    // Adapting: look again when the window ends, so a clean window counts.
+    if effective < account.usable.requests || throttling.windows > 0 {
+        let period = account.usable.period_millis.max(1);
+        let next = (now_ms / period + 1) * period;
+        return Ok(Action::requeue(Duration::from_millis(next - now_ms + 50)));
+    }
+    Ok(Action::requeue(RESYNC))
+}
+
+/// Step the account's effective budget to `window`; the leader starts from
+/// what the status says (a new leader keeps the budget it inherits).
+fn step(ctx: &Context, account: &ValidatedAccount, window: u64) -> (u32, AccountThrottleView) {
+    let reports = &ctx.stores.reports;
+    let (Ok(throttling), Ok(mut adaptation)) = (reports.accounts.lock(), reports.adaptation.lock())
+    else {
+        return (account.effective.requests, AccountThrottleView::default());
+    };
+    let usable = account.usable.requests;
+    let state = adaptation
+        .entry(account.name.clone())
+        .or_insert_with(|| Adaptation::start(account.effective.requests, usable, window));
+    state.step(&account.adaptive, usable, window, |w| {
+        throttling.throttled(&account.name, w)
+    });
+    let view = AccountThrottleView {
+        windows: throttling.run(&account.name, window),
+        last_throttled_millis: throttling.last_throttled_millis(&account.name),
+    };
+    (state.effective(), view)
+}
+
+/// What of an account's status a write must not wait for.
+#[derive(Debug, PartialEq, Eq)]
+struct Significant {
+    generation: Option<i64>,
+    usable: Option<(u32, u32)>,
+    effective: Option<(u32, u32)>,
+    integrations: u32,
+    /// (type, status, reason) of each condition.
+    conditions: Vec<(String, String, String)>,
+}
+
+/// The budgets, the count of integrations, and each condition's state.
+fn significant(status: &SalesLayerAccountStatus) -> Significant {
+    Significant {
+        generation: status.observed_generation,
+        usable: status
+            .usable
+            .as_ref()
+            .map(|u| (u.requests, u.period_seconds)),
+        effective: status
+            .effective
+            .as_ref()
+            .map(|e| (e.requests, e.period_seconds)),
+        integrations: status.integrations,
+        conditions: status
+            .conditions
+            .iter()
+            .map(|c| (c.type_.clone(), c.status.clone(), c.reason.clone()))
+            .collect(),
+    }
+}
+
+/// Equal for the purpose of writing: conditions compare without their
+/// transition time.
+fn same(a: &SalesLayerAccountStatus, b: &SalesLayerAccountStatus) -> bool {
+    let strip = |s: &SalesLayerAccountStatus| {
+        let mut s = s.clone();
+        for c in &mut s.conditions {
+            c.last_transition_time = Time(Timestamp::UNIX_EPOCH);
+        }
+        s
+    };
+    strip(a) == strip(b)
+}
+
+/// The account's gauges.
+fn record(ctx: &Context, account: &ValidatedAccount, effective: u32, overcommitted: bool) {
+    let labels = AccountLabels {
+        account: account.name.clone(),
+    };
+    let metrics = &ctx.metrics;
+    metrics
+        .usable
+        .get_or_create(&labels)
+        .set(i64::from(account.usable.requests));
+    metrics
+        .effective
+        .get_or_create(&labels)
+        .set(i64::from(effective));
+    metrics
+        .overcommitted
+        .get_or_create(&labels)
+        .set(i64::from(overcommitted));
+}
+
+/// Events on the account and on each of its integrations when its budget
+/// was lowered, or came back to the whole usable budget.
+async fn announce(
+    ctx: &Context,
+    sla: &SalesLayerAccount,
+    account: &ValidatedAccount,
+    before: u32,
+    effective: u32,
+) {
+    let Some(announcement) = budget_announcement(account, before, effective) else {
+        return;
+    };
+    info!(before, effective, "effective budget moved");
+    events::publish_about(ctx, sla, vec![announcement.clone()]).await;
+    for sli in ctx.stores.on_account(&account.name) {
+        if let Some(sli) = ctx.stores.integrations.get(&sli) {
+            events::publish_about(ctx, sli.as_ref(), vec![announcement.clone()]).await;
+        }
+    }
+}
+
+/// The Event for a move of the effective budget from `before` to
+/// `effective`: every decrease, and the return to the full budget (the
+/// single steps up in between show in the status, not as Events).
+pub(super) fn budget_announcement(
+    account: &ValidatedAccount,
+    before: u32,
+    effective: u32,
+) -> Option<Announcement> {
+    let budget = |requests| {
+        show_budget(saleslayer_core::allocation::UsableBudget {
+            requests,
+            period_millis: account.usable.period_millis,
+        })
+    };
+    if effective < before {
+        Some(Announcement {
+            warning: true,
+            reason: "BudgetLowered",
+            note: format!(
+                "account {}: effective budget lowered from {} to {} because Sales Layer throttled paced pods (someone outside the cluster uses the account, or its real limit is lower)",
+                account.name,
+                budget(before),
+                budget(effective)
+            ),
+        })
+    } else if effective > before && effective >= account.usable.requests {
+        Some(Announcement {
+            warning: false,
+            reason: "BudgetRestored",
+            note: format!(
+                "account {}: effective budget back to the whole usable {}",
+                account.name,
+                budget(effective)
+            ),
+        })
+    } else {
+        None
+    }
+}
+
+pub(super) fn error_policy(
+    sla: Arc<SalesLayerAccount>,
+    error: &Error,
+    ctx: Arc<Context>,
+) -> Action {
+    if matches!(error, Error::NotLeader) {
+        return Action::await_change();
+    }
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&OutcomeLabels {
+            outcome: error.reason().to_owned(),
+        })
+        .inc();
+    warn!(account = %sla.name_any(), reason = error.reason(), %error, "account reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// Whether `status` says the account adapts (for tests and logs).
+pub fn adapting(status: &SalesLayerAccountStatus) -> bool {
+    status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == conditions::ADAPTING && c.status == "True")
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::state::testing::account as sla;
+
+    fn acme() -> ValidatedAccount {
+        account::validate_account(&sla("acme", json!({}))).expect("valid")
+    }
+
+    #[test]
+    fn lowering_is_a_warning_and_only_the_full_return_is_announced() {
+        let acme = acme();
+        let lowered = budget_announcement(&acme, 40, 28).expect("announced");
+        assert!(lowered.warning && lowered.reason == "BudgetLowered");
+        assert!(
+            lowered.note.contains("from 40/10s to 28/10s"),
+            "{}",
+            lowered.note
+        );
+        assert_eq!(
+            budget_announcement(&acme, 28, 29),
+            None,
+            "a step up is status only"
+        );
+        let back = budget_announcement(&acme, 39, 40).expect("announced");
+        assert_eq!((back.warning, back.reason), (false, "BudgetRestored"));
+        assert_eq!(budget_announcement(&acme, 40, 40), None);
+    }
+
+    #[test]
+    fn counts_alone_are_not_significant_but_the_budget_is() {
+        let acme = acme();
+        let now = Time(Timestamp::UNIX_EPOCH);
+        let a = account::account_status(
+            &acme,
+            40,
+            AccountCounts {
+                integrations: 1,
+                jobs: 2,
+                pods: 3,
+            },
+            AccountThrottleView::default(),
+            None,
+            now.clone(),
+        );
+        let more_pods = account::account_status(
+            &acme,
+            40,
+            AccountCounts {
+                integrations: 1,
+                jobs: 2,
+                pods: 4,
+            },
+            AccountThrottleView::default(),
+            Some(&a),
+            now.clone(),
+        );
+        assert!(!same(&a, &more_pods));
+        assert_eq!(significant(&a), significant(&more_pods));
+        let lowered = account::account_status(
+            &acme,
+            28,
+            AccountCounts {
+                integrations: 1,
+                jobs: 2,
+                pods: 3,
+            },
+            AccountThrottleView::default(),
+            Some(&a),
+            now,
+        );
+        assert_ne!(significant(&a), significant(&lowered));
+        assert!(adapting(&lowered) && !adapting(&a));
+    }
+}
