@@ -1,6 +1,10 @@
 //! The reconcile of one `SalesLayerAccount`: validate it, count what uses
 //! it, step its effective budget (AIMD over its windows, on the throttled
-//! responses its pods reported), and write its status.
+//! responses its pods reported), write its status, then plan the account
+//! once with that budget and write every integration on it (their pods'
+//! shares and statuses, `integration::write_member`). A change to anything
+//! an account's plan reads is routed here (`watches::route`), so it costs
+//! one reconcile, not one per integration of the account.
 //!
 //! A lowered or restored budget is written at once, since every plan on the
 //! account reads it from the account's status (so a new leader starts from
@@ -21,13 +25,13 @@ use saleslayer_core::account::{
 };
 use saleslayer_core::adaptation::Adaptation;
 use saleslayer_core::api::{SalesLayerAccount, SalesLayerAccountStatus};
-use saleslayer_core::plan::show_budget;
+use saleslayer_core::plan::{self, AccountPlan, show_budget};
 use saleslayer_runtime::clock::wall_millis;
 use tracing::{Instrument, info, warn};
 
 use super::apply::patch_account_status;
 use super::events::{self, Announcement};
-use super::{Context, Error, RESYNC};
+use super::{Context, Error, RESYNC, integration};
 use crate::metrics::{AccountLabels, OutcomeLabels};
 
 pub(super) async fn reconcile(
@@ -61,7 +65,10 @@ async fn reconcile_inner(sla: Arc<SalesLayerAccount>, ctx: &Context) -> Result<A
     let now_ms = wall_millis();
     let window = account.window_of(now_ms);
     let (effective, throttling) = step(ctx, &account, window);
-    let plan = ctx.stores.account_plan(&account, None, now_ms);
+    // Planned with the budget just stepped: the integrations follow it now.
+    let mut stepped = account.clone();
+    stepped.effective.requests = effective;
+    let plan = ctx.stores.account_plan(&stepped, None, now_ms);
     let counts = AccountCounts {
         integrations: u32::try_from(plan.members.len()).unwrap_or(u32::MAX),
         jobs: u32::try_from(plan.allocation.jobs.len()).unwrap_or(u32::MAX),
@@ -102,13 +109,57 @@ async fn reconcile_inner(sla: Arc<SalesLayerAccount>, ctx: &Context) -> Result<A
             announce(ctx, &sla, &account, before, effective).await;
         }
     }
+    let mut again = write_integrations(ctx, &plan).await?.unwrap_or(RESYNC);
     // Adapting: look again when the window ends, so a clean window counts.
     if effective < account.usable.requests || throttling.windows > 0 {
         let period = account.usable.period_millis.max(1);
         let next = (now_ms / period + 1) * period;
-        return Ok(Action::requeue(Duration::from_millis(next - now_ms + 50)));
+        again = again.min(Duration::from_millis(next - now_ms + 50));
     }
-    Ok(Action::requeue(RESYNC))
+    Ok(Action::requeue(again))
+}
+
+/// Write every integration that names the account, from `plan`: members get
+/// their pods' shares and their status; the others (in a namespace the
+/// account does not allow) say why they get nothing. An integration whose
+/// spec is invalid is left to its own reconcile, which says so. Goes on past
+/// a failed write and returns the first error (the reconcile is retried);
+/// else when to look again, if sooner than the resync.
+async fn write_integrations(ctx: &Context, plan: &AccountPlan) -> Result<Option<Duration>, Error> {
+    let mut sooner: Option<Duration> = None;
+    let mut failed = None;
+    for reference in ctx.stores.on_account(&plan.account) {
+        let Some(sli) = ctx.stores.integrations.get(&reference) else {
+            continue;
+        };
+        let Ok(integration) = plan::validate(&sli) else {
+            continue;
+        };
+        let name = format!("{}/{}", integration.namespace, integration.name);
+        let written = if plan.members.contains(&name) {
+            integration::write_member(ctx, &sli, &integration, plan).await
+        } else {
+            match ctx.stores.account_of(&integration) {
+                Err(problem) => integration::write_unplanned(ctx, &sli, &integration, &problem)
+                    .await
+                    .map(|()| None),
+                // Allowed since the plan was made: the namespace watch that
+                // saw it queued this account again.
+                Ok(_) => Ok(None),
+            }
+        };
+        match written {
+            Ok(next) => sooner = sooner.into_iter().chain(next).min(),
+            Err(Error::NotLeader) => return Err(Error::NotLeader),
+            Err(error) => {
+                failed.get_or_insert(error);
+            }
+        }
+    }
+    match failed {
+        Some(error) => Err(error),
+        None => Ok(sooner),
+    }
 }
 
 /// Step the account's effective budget to `window`; the leader starts from

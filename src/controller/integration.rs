@@ -3,6 +3,12 @@
 //! stores, then writes only this integration: its pods' annotations and its
 //! status (through server-side apply, and only when different), and says
 //! what changed in Events and notifications once the status write landed.
+//!
+//! An integration on a valid account is written by its account's reconcile
+//! ([`write_member`] and [`write_unplanned`], called for every integration
+//! of the account from one plan); the integration's own reconcile runs for
+//! the rest: an invalid spec, an account that does not exist or is invalid
+//! (the queues route everything else to the account, see `route`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,8 +18,9 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
+use saleslayer_core::account::AccountProblem;
 use saleslayer_core::api::{SalesLayerIntegration, SalesLayerIntegrationStatus};
-use saleslayer_core::plan::{self, ValidatedIntegration};
+use saleslayer_core::plan::{self, AccountPlan, ValidatedIntegration};
 use saleslayer_core::status;
 use saleslayer_core::throttle;
 use saleslayer_runtime::clock::wall_millis;
@@ -51,7 +58,6 @@ pub(super) async fn reconcile(
 }
 
 async fn reconcile_inner(sli: Arc<SalesLayerIntegration>, ctx: &Context) -> Result<Action, Error> {
-    let namespace = sli.namespace().unwrap_or_default();
     let now = Time(Timestamp::now());
 
     // validate
@@ -65,29 +71,66 @@ async fn reconcile_inner(sli: Arc<SalesLayerIntegration>, ctx: &Context) -> Resu
         }
     };
     // observe + plan: nothing for an integration its account does not take
-    let account_plan = match ctx.stores.plan_for(&integration, None, wall_millis()) {
-        Ok(plan) => plan,
+    match ctx.stores.plan_for(&integration, None, wall_millis()) {
+        Ok(plan) => Ok(Action::requeue(
+            write_member(ctx, &sli, &integration, &plan)
+                .await?
+                .unwrap_or(RESYNC),
+        )),
         Err(problem) => {
-            let previous = sli.status.as_ref();
-            let status = status::unplanned_status(&integration, &problem, previous, now);
-            if previous.is_none_or(|p| !same_status(p, &status)) {
-                warn!(reason = problem.reason(), %problem, "the account gives this integration nothing");
-                patch_status(ctx, &sli, &status).await?;
-            }
-            forget_series(ctx, &integration);
-            return Ok(Action::requeue(RESYNC));
+            write_unplanned(ctx, &sli, &integration, &problem).await?;
+            Ok(Action::requeue(RESYNC))
         }
-    };
+    }
+}
+
+/// The status of an integration its account gives nothing (not found, not
+/// allowed, invalid), written only when different; its series forgotten.
+pub(super) async fn write_unplanned(
+    ctx: &Context,
+    sli: &SalesLayerIntegration,
+    integration: &ValidatedIntegration,
+    problem: &AccountProblem,
+) -> Result<(), Error> {
+    let previous = sli.status.as_ref();
+    let status = status::unplanned_status(integration, problem, previous, Time(Timestamp::now()));
+    if previous.is_none_or(|p| !same_status(p, &status)) {
+        warn!(
+            namespace = %sli.namespace().unwrap_or_default(),
+            integration = %sli.name_any(),
+            reason = problem.reason(),
+            %problem,
+            "the account gives this integration nothing"
+        );
+        ctx.fence()?;
+        patch_status(ctx, sli, &status).await?;
+    }
+    forget_series(ctx, integration);
+    Ok(())
+}
+
+/// Write one integration of `account_plan`: the CA in its namespace, its
+/// pods' shares, then its status and what changed (Events, notification).
+/// When to look again, if sooner than the resync (a window's end while
+/// throttled).
+pub(super) async fn write_member(
+    ctx: &Context,
+    sli: &SalesLayerIntegration,
+    integration: &ValidatedIntegration,
+    account_plan: &AccountPlan,
+) -> Result<Option<Duration>, Error> {
+    let namespace = sli.namespace().unwrap_or_default();
+    let now = Time(Timestamp::now());
 
     // apply: the CA for the pods' quota clients, and the pods whose share changed
     let applied = match publish_ca(ctx, &namespace).await {
-        Ok(()) => annotate_pods(ctx, &integration, &account_plan).await,
+        Ok(()) => annotate_pods(ctx, integration, account_plan).await,
         Err(error) => Err(error),
     };
     if let Err(error) = applied {
         // Say so in the status (best effort), then retry with backoff.
-        let status = status::not_ready_status(&sli, error.reason(), error.to_string(), now);
-        if let Err(status_error) = patch_status(ctx, &sli, &status).await {
+        let status = status::not_ready_status(sli, error.reason(), error.to_string(), now);
+        if let Err(status_error) = patch_status(ctx, sli, &status).await {
             warn!(%status_error, "could not record the failure in the status either");
         }
         return Err(error);
@@ -96,12 +139,12 @@ async fn reconcile_inner(sli: Arc<SalesLayerIntegration>, ctx: &Context) -> Resu
     // status
     let now_ms = wall_millis();
     let period = account_plan.budget.period_millis.max(1);
-    let throttling = job_throttling(ctx, &integration, now_ms, period);
+    let throttling = job_throttling(ctx, integration, now_ms, period);
     let previous = sli.status.as_ref();
-    let status = status::desired_status(&integration, &account_plan, previous, &throttling, now);
-    record(ctx, &integration, &status);
+    let status = status::desired_status(integration, account_plan, previous, &throttling, now);
+    record(ctx, integration, &status);
     let window = throttle::window_of(now_ms, period);
-    let me = ObjectRef::from_obj(sli.as_ref());
+    let me = ObjectRef::from_obj(sli);
     let written_this_window = ctx
         .status_windows
         .lock()
@@ -114,7 +157,7 @@ async fn reconcile_inner(sli: Arc<SalesLayerIntegration>, ctx: &Context) -> Resu
     if deferred {
         // Throttling is written at most once per window: the rest waits for the next.
         let next = (now_ms / period + 1) * period;
-        return Ok(Action::requeue(Duration::from_millis(next - now_ms + 50)));
+        return Ok(Some(Duration::from_millis(next - now_ms + 50)));
     }
     if previous.is_none_or(|p| !same_status(p, &status)) {
         ctx.fence()?;
@@ -123,15 +166,17 @@ async fn reconcile_inner(sli: Arc<SalesLayerIntegration>, ctx: &Context) -> Resu
         }
         // Decided before, said after the write: a write that fails is
         // retried, and its Events and notification go out once it lands.
-        let said = events::announcements(previous, &status, &account_plan);
+        let said = events::announcements(previous, &status, account_plan);
         let notification =
-            events::throttling_notification(&integration, previous, &status, &throttling);
-        patch_status(ctx, &sli, &status).await?;
-        events::publish(ctx, &sli, said).await;
+            events::throttling_notification(integration, previous, &status, &throttling);
+        patch_status(ctx, sli, &status).await?;
+        events::publish(ctx, sli, said).await;
         if let Some(notification) = notification {
-            events::notify(ctx, &integration, notification).await;
+            events::notify(ctx, integration, notification).await;
         }
         info!(
+            namespace = %namespace,
+            integration = %sli.name_any(),
             allocations = ?status.jobs.iter().map(|j| (&j.name, j.allocated_requests, j.pods)).collect::<Vec<_>>(),
             "status updated"
         );
@@ -140,9 +185,9 @@ async fn reconcile_inner(sli: Arc<SalesLayerIntegration>, ctx: &Context) -> Resu
     // without throttled reports ends the run even if nobody reports.
     if throttling.values().any(|t| t.windows > 0) {
         let next = (now_ms / period + 1) * period;
-        return Ok(Action::requeue(Duration::from_millis(next - now_ms + 50)));
+        return Ok(Some(Duration::from_millis(next - now_ms + 50)));
     }
-    Ok(Action::requeue(RESYNC))
+    Ok(None)
 }
 
 /// Drop the job series of an integration that gets nothing.

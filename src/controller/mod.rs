@@ -3,23 +3,27 @@
 //! `saleslayer.io/limit` annotations equal to what the allocation says.
 //!
 //! ```text
-//!  SLA watch ─┐                 SLI watch ─┐            namespace watch   pod metadata watch
-//!             ▼                            ▼                  │                  │
-//!   reconcile account A:          reconcile integration X:    └──▶ queues ◀──────┘
-//!   validate → count → step AIMD  observe → validate → plan ──▶ apply pods of X ──▶ status of X
-//!   → status of A                       ▲                    (then Events, notification)
-//!        └── effective budget moved ────┘ (A's integrations re-plan)
+//!  SLA watch ─┐   SLI watch ─┐   namespace watch   pod metadata watch   quota API
+//!             ▼              ▼          │                  │               │
+//!          queues ◀── route ─┴──────────┴──────────────────┴───────────────┘
+//!             │
+//!             ▼
+//!   reconcile account A: validate → count → step AIMD → status of A
+//!     → plan A once with its effective budget
+//!     → for each integration X on A: apply pods of X → status of X
+//!                                    (then Events, notification)
 //! ```
 //!
-//! Each integration reconcile plans its whole account from the in-memory
-//! stores (`saleslayer_core::plan`), then writes only that integration,
-//! through server-side apply under [`FIELD_MANAGER`] and only when different.
-//! What decides who is queued (`watches`): a change to what planning reads —
-//! an integration's spec or account, a namespace's labels, a live pod, an
-//! account's spec or effective budget — queues the integrations of the
-//! account(s) concerned, and their account; a write of a status does not,
-//! so one change costs a reconcile per integration of the account, not a
-//! cascade. Nothing read from the cluster can crash the process: errors
+//! A change to anything an account's plan reads — an integration's spec or
+//! account, a namespace's labels, a live pod, an account's spec, what pods
+//! report — queues that account (`watches::route`). Its reconcile plans the
+//! whole account once from the in-memory stores (`saleslayer_core::plan`)
+//! and writes each integration on it, through server-side apply under
+//! [`FIELD_MANAGER`] and only when different, so one change costs one
+//! reconcile. An integration's own reconcile runs only when no account
+//! plans it: its spec is invalid, or its account is missing or invalid; it
+//! says so in its status. Our own status and annotation writes queue
+//! nothing. Nothing read from the cluster can crash the process: errors
 //! requeue with backoff and show in `Ready`.
 //!
 //! Only the leader writes (`leader`): a follower's watches keep the stores
@@ -200,26 +204,54 @@ pub fn controller(
     // Integrations: their own spec changes and every queue (pods, accounts,
     // namespaces queue through the watches); status-only updates do not
     // trigger them.
-    let integrations = Controller::for_stream(
+    // Whatever concerns an integration whose account plans it goes to that
+    // account's reconcile instead (`watches::route`).
+    let to_account = {
+        let (stores, accounts) = (stores.clone(), queued.accounts.clone());
+        move |sli: &SalesLayerIntegration| match watches::route(&stores, sli) {
+            watches::Route::Account(account) => {
+                let _ = accounts.send(account);
+                false
+            }
+            watches::Route::Integration => true,
+        }
+    };
+    let own_changes = {
+        let to_account = to_account.clone();
         watched
             .integrations
-            .predicate_filter(predicates::generation, PredicateConfig::default()),
-        stores.integrations.clone(),
-    )
-    .with_config(debounce.clone())
-    .reconcile_on(merge([
-        stream_from(own.integrations).boxed(),
-        stream_from(shared.requested.integrations).boxed(),
-        on_each_term(context.clone(), |stores| refs_of(&stores.integrations)).boxed(),
-        on_new_ca(context.clone()).boxed(),
-    ]))
-    .graceful_shutdown_on(shutdown.clone())
-    .run(
-        integration::reconcile,
-        integration::error_policy,
-        context.clone(),
-    )
-    .for_each(|_| async {});
+            .predicate_filter(predicates::generation, PredicateConfig::default())
+            .filter(move |changed| {
+                futures::future::ready(changed.as_ref().map_or(true, &to_account))
+            })
+    };
+    let routed = {
+        let stores = stores.clone();
+        merge([
+            stream_from(own.integrations).boxed(),
+            stream_from(shared.requested.integrations).boxed(),
+            on_each_term(context.clone(), |stores| refs_of(&stores.integrations)).boxed(),
+            on_new_ca(context.clone()).boxed(),
+        ])
+        .filter(move |reference| {
+            futures::future::ready(
+                stores
+                    .integrations
+                    .get(reference)
+                    .is_none_or(|sli| to_account(&sli)),
+            )
+        })
+    };
+    let integrations = Controller::for_stream(own_changes, stores.integrations.clone())
+        .with_config(debounce.clone())
+        .reconcile_on(routed)
+        .graceful_shutdown_on(shutdown.clone())
+        .run(
+            integration::reconcile,
+            integration::error_policy,
+            context.clone(),
+        )
+        .for_each(|_| async {});
 
     // Accounts: their own spec changes, and every queue.
     let accounts = Controller::for_stream(

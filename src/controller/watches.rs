@@ -2,12 +2,14 @@
 //! labels, live pod metadata), and what each event queues.
 //!
 //! An event queues reconciles only when it changes what planning reads: an
-//! integration's generation or account, an account's generation or
-//! effective budget, a namespace's labels, the set of a job's live pods.
-//! Status writes (ours) and annotation writes (ours) change none of those,
-//! so they queue nothing: one change costs one reconcile per integration of
-//! the account concerned, and one of the account. [`Seen`] decides that,
-//! purely, from the events.
+//! integration's generation or account, an account's generation, a
+//! namespace's labels, the set of a job's live pods. Status writes (ours,
+//! the effective budget included: the reconcile that writes it has already
+//! planned with it) and annotation writes (ours) change none of those, so
+//! they queue nothing. What is queued is the account concerned ([`route`]):
+//! its reconcile plans once and writes every integration on it, so one
+//! change costs one reconcile. [`Seen`] decides that, purely, from the
+//! events.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
@@ -281,12 +283,42 @@ fn ca_maps_to_restore(
 }
 
 /// Queue every integration on each of `accounts`, and the accounts.
+/// Queue the reconcile of each account that a change concerns: it plans the
+/// account and writes every integration on it. The integrations of an
+/// account that does not exist or is invalid are queued themselves (each
+/// says what is wrong in its status).
 fn queue_accounts(stores: &Stores, queues: &Queues, accounts: impl IntoIterator<Item = String>) {
     for account in accounts {
-        for integration in stores.on_account(&account) {
-            let _ = queues.integrations.send(integration);
+        if matches!(stores.account(&account), Some(Ok(_))) {
+            let _ = queues.accounts.send(ObjectRef::new(&account));
+        } else {
+            for integration in stores.on_account(&account) {
+                let _ = queues.integrations.send(integration);
+            }
         }
-        let _ = queues.accounts.send(ObjectRef::new(&account));
+    }
+}
+
+/// Who reconciles a change that concerns one integration.
+#[derive(Debug, PartialEq)]
+pub(super) enum Route {
+    /// Its account, which plans once and writes all its integrations.
+    Account(ObjectRef<SalesLayerAccount>),
+    /// The integration itself: its spec is invalid, or its account does not
+    /// exist or is invalid.
+    Integration,
+}
+
+/// Where a change that concerns `sli` is reconciled: by its account when
+/// the integration's spec is valid and the account exists and is valid,
+/// else by the integration's own reconcile.
+pub(super) fn route(stores: &Stores, sli: &SalesLayerIntegration) -> Route {
+    if saleslayer_core::plan::validate(sli).is_ok()
+        && matches!(stores.account(&sli.spec.account), Some(Ok(_)))
+    {
+        Route::Account(ObjectRef::new(&sli.spec.account))
+    } else {
+        Route::Integration
     }
 }
 
@@ -307,8 +339,8 @@ fn accounts_used_in(stores: &Stores, namespace: &str) -> Vec<String> {
 pub(super) struct Seen {
     /// Integration → (generation, account).
     integrations: HashMap<(String, String), (Option<i64>, String)>,
-    /// Account → (generation, effective requests).
-    accounts: HashMap<String, (Option<i64>, Option<u32>)>,
+    /// Account → generation.
+    accounts: HashMap<String, Option<i64>>,
     /// Namespace → labels.
     namespaces: HashMap<String, BTreeMap<String, String>>,
 }
@@ -346,18 +378,14 @@ impl Seen {
         moved
     }
 
-    /// The accounts whose plans an account event moves: its spec or its
-    /// effective budget changed, or it came or went.
+    /// The accounts whose plans an account event moves: its spec changed,
+    /// or it came or went. Its status does not: the effective budget in it
+    /// is written by the account's reconcile, which planned with it.
     pub fn account(&mut self, event: &watcher::Event<SalesLayerAccount>) -> BTreeSet<String> {
         let mut moved = BTreeSet::new();
         match event {
             watcher::Event::Apply(sla) | watcher::Event::InitApply(sla) => {
-                let effective = sla
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.effective.as_ref())
-                    .map(|e| e.requests);
-                let now = (sla.metadata.generation, effective);
+                let now = sla.metadata.generation;
                 if self.accounts.insert(sla.name_any(), now) != Some(now) {
                     moved.insert(sla.name_any());
                 }
@@ -440,7 +468,7 @@ mod tests {
     }
 
     #[test]
-    fn an_account_moves_plans_when_its_spec_or_effective_budget_changes() {
+    fn an_account_moves_plans_when_its_spec_changes_not_its_status() {
         let mut seen = Seen::default();
         let mut sla = account("acme", json!({}));
         assert_eq!(seen.account(&watcher::Event::Apply(sla.clone())).len(), 1);
@@ -453,10 +481,9 @@ mod tests {
             ..SalesLayerAccountStatus::default()
         };
         sla.status = Some(status(40));
-        assert_eq!(
-            seen.account(&watcher::Event::Apply(sla.clone())).len(),
-            1,
-            "first effective"
+        assert!(
+            seen.account(&watcher::Event::Apply(sla.clone())).is_empty(),
+            "first effective: written by the reconcile that planned with it"
         );
         let mut same_budget = status(40);
         same_budget.pods = 99;
@@ -466,10 +493,15 @@ mod tests {
             "counts only"
         );
         sla.status = Some(status(28));
+        assert!(
+            seen.account(&watcher::Event::Apply(sla.clone())).is_empty(),
+            "lowered: the same"
+        );
+        sla.metadata.generation = Some(2);
         assert_eq!(
             seen.account(&watcher::Event::Apply(sla)).len(),
             1,
-            "lowered"
+            "a new spec"
         );
     }
 
