@@ -10,7 +10,7 @@ IMAGES  := $(or $(SALESLAYER_IMAGES),$(TARGET)/images)
 # The examples' batch client goes into the workload image when its crate exists.
 EXAMPLE_CRATES := $(if $(wildcard examples/catalog-sync/Cargo.toml),-p catalog-sync)
 
-.PHONY: all testenv testenv-node build test unit integration lint crds image e2e demo demo-down bench bench-fleet clean
+.PHONY: all testenv testenv-node build test unit integration lint crds image e2e demo demo-down bench bench-fleet bench-scale clean
 
 all: build
 
@@ -71,11 +71,18 @@ demo-down:
 ## running as its own process, so its RSS is measured alone. The fleet
 ## benchmark (about 6 minutes of load) runs on its own: `make bench-fleet`.
 bench: testenv
-	$(CARGO) build --release --bin saleslayer-operator
+	$(CARGO) build --release -p saleslayer-operator -p saleslayer-sidecar
 	$(CARGO) bench --bench allocation
 	$(CARGO) bench --bench webhook
 	$(CARGO) bench --bench quota
+	$(CARGO) bench --bench sidecar
 	$(CARGO) bench --bench convergence
+
+## How the controller's cost grows: convergence at 10 000, 25 000 and 50 000
+## pods (200, 500 and 1 000 integrations of 5 jobs × 10 pods).
+bench-scale: testenv
+	$(CARGO) build --release -p saleslayer-operator
+	for n in 200 500 1000; do CONVERGENCE_INTEGRATIONS=$$n CONVERGENCE_CHANGES=40 $(CARGO) bench --bench convergence || exit 1; done
 
 ## 4 jobs × 3 pods sending flat out through their sidecars at the simulator:
 ## no coordination, a static split, and leases from the operator's quota API.

@@ -13,6 +13,40 @@ use saleslayer_core::allocation::{JobKey, JobRequest, UsableBudget, allocate};
 
 fn main() {
     divan::main();
+    // divan prints its table; the headline figures again as one line to compare runs.
+    let median_us = |run: &dyn Fn()| {
+        let mut samples: Vec<f64> = (0..101)
+            .map(|_| {
+                let start = std::time::Instant::now();
+                run();
+                start.elapsed().as_secs_f64() * 1e6
+            })
+            .collect();
+        samples.sort_by(f64::total_cmp);
+        samples[samples.len() / 2].round()
+    };
+    let mut seed = fastrand::Rng::with_seed(1);
+    let sorted = jobs(&mut seed, 1_000, 10);
+    let unsorted = shuffled(sorted.clone(), &mut seed);
+    let budget = large_budget();
+    let mut seed = fastrand::Rng::with_seed(2);
+    let accounts: Vec<Vec<JobRequest>> = (0..1_000).map(|_| jobs(&mut seed, 1, 10)).collect();
+    let small = UsableBudget::from_limit(50, 10, 20);
+    let line = serde_json::json!({
+        "bench": "allocation",
+        "one_account_10k_jobs_median_us": median_us(&|| {
+            black_box(allocate(budget, black_box(&sorted)));
+        }),
+        "one_account_10k_jobs_unsorted_median_us": median_us(&|| {
+            black_box(allocate(budget, black_box(&unsorted)));
+        }),
+        "thousand_accounts_of_10_jobs_median_us": median_us(&|| {
+            for jobs in &accounts {
+                black_box(allocate(small, black_box(jobs)));
+            }
+        }),
+    });
+    println!("BENCH {line}");
 }
 
 /// `integrations × jobs_each` jobs, in key order (as a controller reading a sorted

@@ -50,7 +50,9 @@ use serde_json::json;
 use tokio::sync::watch;
 
 const NAMESPACES: usize = 20;
-const INTEGRATIONS: usize = 200;
+/// Integrations by default; `CONVERGENCE_INTEGRATIONS` scales the cluster
+/// (each brings 5 jobs × 10 pods, so 1 000 integrations are 50 000 pods).
+const DEFAULT_INTEGRATIONS: usize = 200;
 const PER_ACCOUNT: usize = 5;
 const JOBS: usize = 5;
 const PODS_PER_JOB: usize = 10;
@@ -63,7 +65,21 @@ const INITIAL_DEADLINE: Duration = Duration::from_secs(330);
 const CHANGE_DEADLINE: Duration = Duration::from_secs(30);
 const DEFAULT_CHANGES: usize = 200;
 
+static INTEGRATIONS_SET: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+/// How many integrations this run creates.
+fn integrations() -> usize {
+    *INTEGRATIONS_SET.get().unwrap_or(&DEFAULT_INTEGRATIONS)
+}
+
 fn main() -> anyhow::Result<()> {
+    let integrations = match std::env::var("CONVERGENCE_INTEGRATIONS") {
+        Ok(n) => n
+            .parse()
+            .context("CONVERGENCE_INTEGRATIONS is not a number")?,
+        Err(_) => DEFAULT_INTEGRATIONS,
+    };
+    let _ = INTEGRATIONS_SET.set(integrations);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -102,7 +118,8 @@ async fn bench() -> anyhow::Result<()> {
     fill(&plane, &client, &mut model).await?;
     let fill_time = filled.elapsed();
     println!(
-        "created {NAMESPACES} namespaces, {INTEGRATIONS} integrations, {} pods in {:.1} s",
+        "created {NAMESPACES} namespaces, {} integrations, {} pods in {:.1} s",
+        integrations(),
         model.pods.values().sum::<u32>(),
         fill_time.as_secs_f64()
     );
@@ -124,8 +141,9 @@ async fn bench() -> anyhow::Result<()> {
             mib(initial_rss.current)
         ),
         None => eprintln!(
-            "initial convergence: only {} of {INTEGRATIONS} statuses as planned after {INITIAL_DEADLINE:?}; operator log: {}",
+            "initial convergence: only {} of {} statuses as planned after {INITIAL_DEADLINE:?}; operator log: {}",
             initial.matched,
+            integrations(),
             log.display()
         ),
     }
@@ -146,7 +164,7 @@ async fn bench() -> anyhow::Result<()> {
         } else {
             ChangeKind::Weight
         };
-        let i = seed.usize(0..INTEGRATIONS);
+        let i = seed.usize(0..integrations());
         let job = seed.usize(0..JOBS);
         let sample = match kind {
             ChangeKind::AddPod => add_pod(&client, &observed, &mut model, i, job, n).await?,
@@ -573,7 +591,7 @@ async fn fill(plane: &ControlPlane, client: &Client, model: &mut Model) -> anyho
         .await?;
 
     let accounts = Api::<SalesLayerAccount>::all(client.clone());
-    for n in 0..INTEGRATIONS.div_ceil(PER_ACCOUNT) {
+    for n in 0..integrations().div_ceil(PER_ACCOUNT) {
         let created = accounts
             .create(&PostParams::default(), &account(n))
             .await
@@ -582,7 +600,7 @@ async fn fill(plane: &ControlPlane, client: &Client, model: &mut Model) -> anyho
             .map_err(|e| anyhow!("account {n}: {e}"))?;
         model.accounts.insert(valid.name.clone(), valid);
     }
-    let created: Vec<SalesLayerIntegration> = futures::stream::iter(0..INTEGRATIONS)
+    let created: Vec<SalesLayerIntegration> = futures::stream::iter(0..integrations())
         .map(|i| {
             let api = Api::<SalesLayerIntegration>::namespaced(client.clone(), &namespace_of(i));
             async move { create_retrying(&api, &integration(i)).await }
@@ -597,7 +615,7 @@ async fn fill(plane: &ControlPlane, client: &Client, model: &mut Model) -> anyho
             .insert((valid.namespace.clone(), valid.name.clone()), valid);
     }
 
-    let pods = (0..INTEGRATIONS)
+    let pods = (0..integrations())
         .flat_map(|i| (0..JOBS).flat_map(move |j| (0..PODS_PER_JOB).map(move |k| (i, j, k))));
     futures::stream::iter(pods)
         .map(|(i, j, k)| {
@@ -614,7 +632,7 @@ async fn fill(plane: &ControlPlane, client: &Client, model: &mut Model) -> anyho
         .buffer_unordered(CONCURRENCY)
         .try_for_each(|_| async { Ok(()) })
         .await?;
-    for i in 0..INTEGRATIONS {
+    for i in 0..integrations() {
         for j in 0..JOBS {
             let key = JobKey::new(namespace_of(i), name_of(i), job_name(j));
             model.pods.insert(key, PODS_PER_JOB as u32);
@@ -1145,10 +1163,12 @@ impl Report {
 
     fn print(&self) {
         println!();
-        println!("| {INTEGRATIONS} integrations × {JOBS} jobs × {PODS_PER_JOB} pods | figure |");
+        let integrations = integrations();
+        println!("| {integrations} integrations × {JOBS} jobs × {PODS_PER_JOB} pods | figure |");
         println!("|---|---|");
         println!(
-            "| creating 20 namespaces, 200 integrations, 10 000 pods (operator not running) | {:.1} s |",
+            "| creating {NAMESPACES} namespaces, {integrations} integrations, {} pods (operator not running) | {:.1} s |",
+            integrations * JOBS * PODS_PER_JOB,
             self.fill.as_secs_f64()
         );
         let secs = |d: Option<Duration>| {
@@ -1158,7 +1178,7 @@ impl Report {
             )
         };
         println!(
-            "| initial convergence: operator start → 50 % / 90 % / all {INTEGRATIONS} statuses as planned | {} / {} / {} |",
+            "| initial convergence: operator start → 50 % / 90 % / all {integrations} statuses as planned | {} / {} / {} |",
             secs(self.initial.half),
             secs(self.initial.most),
             secs(self.initial.all)
@@ -1241,5 +1261,47 @@ impl Report {
                 ms(percentile(&account, 1.0)),
             );
         }
+        println!("BENCH {}", self.bench_line());
+    }
+
+    /// The headline figures as one JSON object, to compare runs by machine.
+    fn bench_line(&self) -> serde_json::Value {
+        let secs = |d: Option<Duration>| d.map(|d| (d.as_secs_f64() * 100.0).round() / 100.0);
+        let mib = |b: u64| (b as f64 / (1024.0 * 1024.0) * 10.0).round() / 10.0;
+        let total_changes: usize = self.changes.0.values().map(Vec::len).sum();
+        let mut per_kind = serde_json::Map::new();
+        for (kind, samples) in &self.changes.0 {
+            let mut changed: Vec<Duration> = samples.iter().filter_map(|s| s.changed).collect();
+            changed.sort();
+            let key = match kind {
+                ChangeKind::AddPod => "pod_added",
+                ChangeKind::Weight => "weight_changed",
+            };
+            per_kind.insert(
+                format!("{key}_p50_ms"),
+                json!(percentile(&changed, 0.5).as_millis()),
+            );
+            per_kind.insert(
+                format!("{key}_p99_ms"),
+                json!(percentile(&changed, 0.99).as_millis()),
+            );
+        }
+        let mut line = json!({
+            "bench": "convergence",
+            "integrations": integrations(),
+            "pods": integrations() * JOBS * PODS_PER_JOB,
+            "peak_rss_mib": mib(self.rss.peak),
+            "rss_after_start_mib": mib(self.initial_rss.current),
+            "initial_convergence_s": secs(self.initial.all),
+            "initial_reconciles": self.initial_reconciles,
+            "changes": total_changes,
+            "reconciles_per_change": self.change_reconciles.filter(|_| total_changes > 0)
+                .map(|r| ((r as f64 / total_changes as f64) * 100.0).round() / 100.0),
+            "wrong_annotations": self.wrong_annotations,
+        });
+        if let Some(fields) = line.as_object_mut() {
+            fields.extend(per_kind);
+        }
+        line
     }
 }

@@ -8,7 +8,7 @@
 //! and the simulator's limit, first through the sidecar, then directly.
 //! RSS is read from `/proc/<pid>/status` (VmRSS idle, VmHWM after the load).
 //!
-//! Run: `cargo build --release --bin saleslayer-sidecar && cargo bench --bench sidecar`.
+//! Run: `cargo build --release -p saleslayer-sidecar && cargo bench --bench sidecar`.
 //! Another binary: `SIDECAR_BIN=path SIDECAR_ARGS=proxy cargo bench --bench sidecar`
 //! (how the figures of the single-binary sidecar before the workspace split
 //! were taken). Ends with one `BENCH {json}` line.

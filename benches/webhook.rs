@@ -91,7 +91,7 @@ fn percentiles(mut samples: Vec<Duration>) -> (Duration, Duration, Duration) {
     (at(0.5), at(0.99), at(1.0))
 }
 
-fn in_process() {
+fn in_process() -> (Duration, Duration) {
     let members: Vec<ValidatedIntegration> = (0..3)
         .map(|i| {
             let spec = serde_json::from_value(integration_spec(i)).expect("spec");
@@ -125,6 +125,7 @@ fn in_process() {
     }
     let (p50, p99, max) = percentiles(samples);
     println!("in process, 50 000 reviews: p50 {p50:?}  p99 {p99:?}  max {max:?}");
+    (p50, p99)
 }
 
 /// A labelled pod (sent to the webhook) or an unlabelled one (never sent).
@@ -161,7 +162,8 @@ async fn paced(pods: &Api<Pod>, template: &Pod, count: usize, rate: u32) -> Vec<
     samples
 }
 
-async fn end_to_end() {
+/// Through the API server: p50 and p99 of pod creates without and with the webhook.
+async fn end_to_end() -> [(Duration, Duration); 2] {
     let (_plane, client, _) = support::with_operator(&["shop"]).await;
     support::account(&client, "acme-prod", json!({})).await;
     let slis = Api::<SalesLayerIntegration>::namespaced(client.clone(), "shop");
@@ -193,22 +195,34 @@ async fn end_to_end() {
 
     let warmup = paced(&pods, &pod("plain-", None), 100, 100).await;
     drop(warmup);
-    let (p50, p99, max) = percentiles(paced(&pods, &pod("plain-", None), 1000, 100).await);
+    let (plain50, plain99, max) = percentiles(paced(&pods, &pod("plain-", None), 1000, 100).await);
     println!(
-        "end to end, 1000 unlabelled pods at 100/s (no webhook): p50 {p50:?}  p99 {p99:?}  max {max:?}"
+        "end to end, 1000 unlabelled pods at 100/s (no webhook): p50 {plain50:?}  p99 {plain99:?}  max {max:?}"
     );
     let (p50, p99, max) = percentiles(paced(&pods, &labelled, 1000, 100).await);
     println!(
         "end to end, 1000 labelled pods at 100/s (through the webhook): p50 {p50:?}  p99 {p99:?}  max {max:?}"
     );
+    [(plain50, plain99), (p50, p99)]
 }
 
 fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    in_process();
+    let (in_p50, in_p99) = in_process();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    runtime.block_on(end_to_end());
+    let [(plain50, plain99), (hook50, hook99)] = runtime.block_on(end_to_end());
+    let us = |d: Duration| (d.as_secs_f64() * 1e7).round() / 10.0;
+    let ms = |d: Duration| (d.as_secs_f64() * 1e4).round() / 10.0;
+    println!(
+        "BENCH {}",
+        json!({
+            "bench": "webhook",
+            "in_process_p50_us": us(in_p50), "in_process_p99_us": us(in_p99),
+            "create_unlabelled_p50_ms": ms(plain50), "create_unlabelled_p99_ms": ms(plain99),
+            "create_labelled_p50_ms": ms(hook50), "create_labelled_p99_ms": ms(hook99),
+        })
+    );
 }
