@@ -431,6 +431,9 @@ fn lease_request<'a>(
         pod,
         job_requests: job.requests,
         max_concurrency,
+        // Pods without a lease pace by the plan's per-pod share (their file or env):
+        // the book reserves it for each of them.
+        live_pods: job.pods,
         static_share: job.per_pod,
     }
 }
