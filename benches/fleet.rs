@@ -34,11 +34,24 @@
 //! ÷ 10, max 8 × that: 100 / 800 ms at 1 s). Lease refresh (5 s) and TTL
 //! (15 s) are the operator's constants and are not scaled.
 //!
+//! - (d) an outside consumer (`outside`): someone else takes 30 % of the limit
+//!   with the same key mid-run, then stops; no coordination, the static split,
+//!   leases without and with adaptation side by side.
+//!
+//! Every scenario also counts the operator's writes to the API server (the
+//! API server's own `apiserver_request_total` for the verbs that change
+//! something; the benchmark itself writes nothing while a scenario runs).
+//! `FLEET_SCENARIOS` picks scenarios (default `a,b,c,d`).
+//!
 //! Run: `make bench-fleet` (or `cargo bench --bench fleet`).
 
 #[path = "../tests/support/operator.rs"]
 mod support;
 
+#[path = "fleet/outside.rs"]
+mod outside;
+
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -113,6 +126,15 @@ struct Measured {
     warm_seconds: f64,
     warm_accepted: u64,
     warm_throttled: u64,
+    /// The operator's writes to the API server during the scenario, by resource.
+    writes: BTreeMap<String, u64>,
+}
+
+impl Measured {
+    /// Writes per minute, TokenReviews and the like (which store nothing) left out.
+    fn writes_per_minute(&self) -> f64 {
+        60.0 * stored_writes(&self.writes) as f64 / self.seconds
+    }
 }
 
 /// Two lease refreshes.
@@ -194,55 +216,69 @@ async fn bench() -> anyhow::Result<()> {
         period,
         length,
         policy,
+        client: &client,
     };
+    let chosen = std::env::var("FLEET_SCENARIOS").unwrap_or_else(|_| "a,b,c,d".into());
+    let chosen: Vec<&str> = chosen.split(',').map(str::trim).collect();
     let mut results = Vec::new();
-    results.push(
-        scenario(
-            "(a) no coordination: own retry + backoff per worker",
-            setup,
-            Sidecars::None,
-        )
-        .await?,
-    );
-    results.push(
-        scenario(
-            "(b) static split, the pod's annotation (env share)",
-            setup,
-            Sidecars::Static(None),
-        )
-        .await?,
-    );
-    let pods_total = (JOBS.len() * PODS_PER_JOB) as u64;
-    let exact = Limit {
-        requests: 1,
-        period_millis: (period_ms * pods_total).div_ceil(u64::from(USABLE)),
-        max_concurrency: 1,
+    if chosen.contains(&"a") {
+        results.push(
+            scenario(
+                "(a) no coordination: own retry + backoff per worker",
+                setup,
+                Sidecars::None,
+            )
+            .await?,
+        );
+    }
+    if chosen.contains(&"b") {
+        results.push(
+            scenario(
+                "(b) static split, the pod's annotation (env share)",
+                setup,
+                Sidecars::Static(None),
+            )
+            .await?,
+        );
+        let pods_total = (JOBS.len() * PODS_PER_JOB) as u64;
+        let exact = Limit {
+            requests: 1,
+            period_millis: (period_ms * pods_total).div_ceil(u64::from(USABLE)),
+            max_concurrency: 1,
+        };
+        results.push(
+            scenario(
+                &format!(
+                    "(b′) static split, exact: 1 per {} ms per pod",
+                    exact.period_millis
+                ),
+                setup,
+                Sidecars::Static(Some(exact)),
+            )
+            .await?,
+        );
+    }
+    let leases = || Sidecars::Leased {
+        url: quota_url.clone(),
+        ca_file: ca_file.clone(),
     };
-    results.push(
-        scenario(
-            &format!(
-                "(b′) static split, exact: 1 per {} ms per pod",
-                exact.period_millis
-            ),
+    let mut idle_and_return_figures = serde_json::Value::Null;
+    if chosen.contains(&"c") {
+        let (measured, running) = start_scenario(
+            "(c) the operator: leases from the quota API",
             setup,
-            Sidecars::Static(Some(exact)),
+            leases(),
         )
-        .await?,
-    );
-    let leases = Sidecars::Leased {
-        url: quota_url,
-        ca_file,
-    };
-    let (measured, running) =
-        start_scenario("(c) the operator: leases from the quota API", setup, leases).await?;
-    let measured = measured.finish(&running).await?;
-    results.push(measured);
-
-    println!("load average after the scenarios: {}", load_average());
-    print_table(&results, period);
-    let idle_and_return = idle_and_return(&running, period).await?;
-    running.stop();
-    println!("load average at the end: {}", load_average());
+        .await?;
+        let measured = measured.finish(&running).await?;
+        results.push(measured);
+        println!("load average after the scenarios: {}", load_average());
+        print_table(&results, period);
+        idle_and_return_figures = idle_and_return(&running, period).await?;
+        running.stop();
+    } else {
+        print_table(&results, period);
+    }
     let usable_per_second = f64::from(USABLE) / period.as_secs_f64();
     let scenarios: Vec<serde_json::Value> = results
         .iter()
@@ -253,21 +289,102 @@ async fn bench() -> anyhow::Result<()> {
                 "scenario": m.name,
                 "served": m.stats.accepted,
                 "throttled": m.stats.throttled,
+                "utilisation": percent(m.stats.accepted, m.seconds) / 100.0,
                 "served_pct_of_usable": percent(m.stats.accepted, m.seconds),
                 "throttled_after_warm_up": m.warm_throttled,
                 "served_pct_of_usable_after_warm_up": percent(m.warm_accepted, m.warm_seconds),
+                "api_writes_per_minute": m.writes_per_minute(),
+                "api_writes_by_resource": m.writes,
             })
         })
         .collect();
+    for scenario in &scenarios {
+        println!("BENCH {scenario}");
+    }
+    let outside = if chosen.contains(&"d") {
+        outside::run(setup, &leases).await?
+    } else {
+        Vec::new()
+    };
+    println!("load average at the end: {}", load_average());
     let headline = json!({
         "bench": "fleet",
         "period_seconds": period.as_secs(),
         "periods": periods,
         "scenarios": scenarios,
-        "idle_and_return": idle_and_return,
+        "idle_and_return": idle_and_return_figures,
+        "outside_consumer": outside,
     });
     println!("BENCH {headline}");
     Ok(())
+}
+
+/// Write requests the API server has served so far, by resource (and
+/// subresource): its `apiserver_request_total` for the verbs that change
+/// something. Everyone's, so read it only while the operator alone writes.
+async fn api_writes(client: &kube::Client) -> anyhow::Result<BTreeMap<String, u64>> {
+    let request = http::Request::get("/metrics")
+        .body(Vec::new())
+        .context("a /metrics request")?;
+    let text = client
+        .request_text(request)
+        .await
+        .context("the API server's /metrics")?;
+    let mut writes = BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|line| line.starts_with("apiserver_request_total{"))
+    {
+        let label = |name: &str| {
+            let key = format!("{name}=\"");
+            let at = line.find(&key)? + key.len();
+            let rest = &line[at..];
+            Some(rest[..rest.find('"')?].to_owned())
+        };
+        let writes_something = matches!(
+            label("verb").as_deref(),
+            Some("POST" | "PUT" | "PATCH" | "APPLY" | "DELETE" | "DELETECOLLECTION")
+        );
+        let count = line
+            .rsplit(' ')
+            .next()
+            .and_then(|value| value.parse::<f64>().ok());
+        let (true, Some(count)) = (writes_something, count) else {
+            continue;
+        };
+        let resource = label("resource").unwrap_or_default();
+        let resource = match label("subresource") {
+            Some(sub) if !sub.is_empty() => format!("{resource}/{sub}"),
+            _ => resource,
+        };
+        *writes.entry(resource).or_default() += count as u64;
+    }
+    Ok(writes)
+}
+
+/// What the operator wrote between two readings of [`api_writes`].
+fn writes_between(
+    before: &BTreeMap<String, u64>,
+    after: &BTreeMap<String, u64>,
+) -> BTreeMap<String, u64> {
+    after
+        .iter()
+        .map(|(resource, n)| {
+            let was = before.get(resource).copied().unwrap_or(0);
+            (resource.clone(), n.saturating_sub(was))
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect()
+}
+
+/// Writes that store something: TokenReviews and access reviews are POSTs
+/// the API server answers without writing.
+fn stored_writes(writes: &BTreeMap<String, u64>) -> u64 {
+    writes
+        .iter()
+        .filter(|(resource, _)| !resource.ends_with("reviews"))
+        .map(|(_, n)| n)
+        .sum()
 }
 
 /// `/proc/loadavg`'s first three figures: other work on the same cores.
@@ -432,6 +549,9 @@ struct Window {
     name: String,
     started: Instant,
     length: Duration,
+    client: kube::Client,
+    /// [`api_writes`] when the scenario started.
+    writes: BTreeMap<String, u64>,
 }
 
 impl Window {
@@ -441,7 +561,18 @@ impl Window {
         let early = stats(&running.simulator).await?;
         let warm_from = Instant::now();
         tokio::time::sleep_until((self.started + self.length).into()).await;
+        self.measure(running, &early, warm_from).await
+    }
+
+    /// What the scenario measured from its start to now.
+    async fn measure(
+        self,
+        running: &Running,
+        early: &SimulatorStats,
+        warm_from: Instant,
+    ) -> anyhow::Result<Measured> {
         let stats = stats(&running.simulator).await?;
+        let writes = writes_between(&self.writes, &api_writes(&self.client).await?);
         let seconds = self.started.elapsed().as_secs_f64();
         Ok(Measured {
             name: self.name,
@@ -450,6 +581,7 @@ impl Window {
             warm_accepted: stats.accepted.saturating_sub(early.accepted),
             warm_throttled: stats.throttled.saturating_sub(early.throttled),
             stats,
+            writes,
         })
     }
 }
@@ -470,6 +602,7 @@ struct Setup<'a> {
     period: Duration,
     length: Duration,
     policy: RetryPolicy,
+    client: &'a kube::Client,
 }
 
 /// Run one scenario to its end and stop it.
@@ -491,7 +624,9 @@ async fn start_scenario(
         period,
         length,
         policy,
+        client,
     } = setup;
+    let writes = api_writes(client).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .context("simulator port")?;
@@ -588,6 +723,8 @@ async fn start_scenario(
         name: name.to_owned(),
         started: Instant::now(),
         length,
+        client: client.clone(),
+        writes,
     };
     println!("{name}: running for {length:?}");
     Ok((
@@ -675,17 +812,17 @@ fn print_table(results: &[Measured], period: Duration) {
     let per_second = |n: f64| n / period.as_secs_f64();
     println!();
     println!(
-        "| scenario | served | 429s | served/s | ÷ usable ({}/s) | ÷ limit ({}/s) | after the first {} s: 429s, ÷ usable |",
+        "| scenario | served | 429s | served/s | ÷ usable ({}/s) | ÷ limit ({}/s) | after the first {} s: 429s, ÷ usable | operator's API writes/min |",
         per_second(f64::from(USABLE)),
         per_second(f64::from(LIMIT)),
         WARM_UP.as_secs()
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for m in results {
         let rate = m.stats.accepted as f64 / m.seconds;
         let warm_rate = m.warm_accepted as f64 / m.warm_seconds;
         println!(
-            "| {} | {} | {} | {:.2} | {:.1} % | {:.1} % | {}, {:.1} % |",
+            "| {} | {} | {} | {:.2} | {:.1} % | {:.1} % | {}, {:.1} % | {:.1} |",
             m.name,
             m.stats.accepted,
             m.stats.throttled,
@@ -694,6 +831,7 @@ fn print_table(results: &[Measured], period: Duration) {
             100.0 * rate / per_second(f64::from(LIMIT)),
             m.warm_throttled,
             100.0 * warm_rate / per_second(f64::from(USABLE)),
+            m.writes_per_minute(),
         );
     }
     println!();

@@ -327,6 +327,7 @@ fn in_process() -> InProcess {
                 pod: &pod,
                 job_requests: 1000,
                 max_concurrency: None,
+                live_pods: 10,
                 static_share: saleslayer_core::allocation::pod_share(1000, 10_000, 10, None),
             };
             book.lease(1 + n as u64, &request);

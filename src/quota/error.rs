@@ -188,6 +188,15 @@ mod tests {
                 429,
                 "TooManyFailures",
             ),
+            (
+                QuotaError::TooFrequent {
+                    namespace: "shop".into(),
+                    pod: "a".into(),
+                    retry_after_millis: 1,
+                },
+                429,
+                "TooFrequent",
+            ),
         ];
         for (error, status, reason) in cases {
             assert_eq!(error.status().as_u16(), status, "{error:?}");
@@ -197,17 +206,27 @@ mod tests {
 
     #[tokio::test]
     async fn a_refusal_is_a_json_body_with_retry_after_when_waiting_helps() {
-        let response = QuotaError::NotReady.into_response();
-        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(
-            response.headers().get(axum::http::header::RETRY_AFTER),
-            Some(&axum::http::HeaderValue::from_static("1"))
-        );
-        let bytes = axum::body::to_bytes(response.into_body(), 4096)
-            .await
-            .expect("body");
-        let body: ErrorBody = serde_json::from_slice(&bytes).expect("JSON error body");
-        assert_eq!(body.reason, "NotReady");
-        assert!(body.error.contains("try again"));
+        let too_frequent = QuotaError::TooFrequent {
+            namespace: "shop".into(),
+            pod: "a".into(),
+            retry_after_millis: 700,
+        };
+        for (error, status, retry_after, reason, says) in [
+            (QuotaError::NotReady, 503, "1", "NotReady", "try again"),
+            (too_frequent, 429, "1", "TooFrequent", "retry in 700 ms"),
+        ] {
+            let response = error.into_response();
+            assert_eq!(response.status().as_u16(), status);
+            assert_eq!(
+                response.headers().get(axum::http::header::RETRY_AFTER),
+                Some(&axum::http::HeaderValue::from_static(retry_after))
+            );
+            let bytes = axum::body::to_bytes(response.into_body(), 4096)
+                .await
+                .expect("body");
+            let body: ErrorBody = serde_json::from_slice(&bytes).expect("JSON error body");
+            assert_eq!(body.reason, reason);
+            assert!(body.error.contains(says), "{}", body.error);
+        }
     }
 }

@@ -17,9 +17,15 @@
 //! throttle}`); this module does the I/O around them. Only the leader
 //! answers (a follower says 503 `NotLeader`), and each new leadership term
 //! starts with fresh books, as after a restart.
+//!
+//! Two brakes keep steady reporting from turning into writes (`pacing`): a
+//! pod may renew at most once per [`pacing::MIN_RENEWAL_INTERVAL`] (429
+//! `TooFrequent` otherwise), and demand queues its account's integrations for
+//! a re-plan at most once per window of the account's limit.
 
 pub mod auth;
 mod error;
+pub mod pacing;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -48,6 +54,7 @@ use crate::metrics::{CodeLabels, JobLabels, OutcomeLabels, QuotaMetrics};
 use crate::state::{Reports, Stores};
 use auth::{Authenticator, Identity};
 pub use error::QuotaError;
+use pacing::{RenewalPace, ReplanGate};
 
 /// The largest report accepted.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -65,6 +72,10 @@ pub struct Quota {
     leadership: Leadership,
     /// Where reports that change what the controller would write are queued.
     queues: Queues,
+    /// When each pod last renewed: one that calls too often is refused.
+    renewals: Mutex<RenewalPace>,
+    /// Demand re-plans each account at most once per window.
+    replans: Mutex<ReplanGate>,
     metrics: QuotaMetrics,
 }
 
@@ -99,6 +110,8 @@ impl Quota {
             }),
             leadership: Leadership::always(),
             queues,
+            renewals: Mutex::default(),
+            replans: Mutex::default(),
             metrics,
         }
     }
@@ -148,8 +161,8 @@ impl Quota {
         self.grant(&identity, &report, wall_millis())
     }
 
-    /// Everything after authentication, from memory only: authorize, record
-    /// the report, lease.
+    /// Everything after authentication, from memory only: authorize, pace,
+    /// record the report, lease.
     pub fn grant(
         &self,
         identity: &Identity,
@@ -160,6 +173,16 @@ impl Quota {
         // Start the term's books before the report touches them.
         drop(self.books(term, since_millis)?);
         let authorized = authorize(&self.stores, identity, report)?;
+        // Refused before its report counts: the sidecar sends it again later.
+        self.renewals
+            .lock()
+            .map_err(|_| QuotaError::Internal)?
+            .admit(&report.namespace, &report.pod, now)
+            .map_err(|retry_after_millis| QuotaError::TooFrequent {
+                namespace: report.namespace.clone(),
+                pod: report.pod.clone(),
+                retry_after_millis,
+            })?;
         let account_plan = self.stores.account_plan(&authorized.account, None, now);
         let job = allocation_of(&account_plan, &authorized, report)?;
         let recorded = record(
@@ -169,7 +192,8 @@ impl Quota {
             &account_plan,
             now,
         );
-        self.notify(&authorized, recorded);
+        let window = throttle::window_of(now, account_plan.budget.period_millis);
+        self.notify(&authorized, recorded, window);
         let request = lease_request(&authorized, &account_plan, job, &report.pod);
         let grant = self.books(term, since_millis)?.book.lease(now, &request);
         self.count(&authorized.key, report);
@@ -183,10 +207,15 @@ impl Quota {
     }
 
     /// Queue what a report changed: the integration's status, its
-    /// account's plan (demand), its account's budget (throttling).
-    fn notify(&self, authorized: &Authorized, recorded: Recorded) {
+    /// account's plan (demand, at most once per `window`), its account's
+    /// budget (throttling).
+    fn notify(&self, authorized: &Authorized, recorded: Recorded, window: u64) {
         let integration = &authorized.integration;
-        if recorded.demand_moved {
+        let replan = self
+            .replans
+            .lock()
+            .is_ok_and(|mut gate| gate.replan(&integration.account, recorded.demand_moved, window));
+        if replan {
             for sibling in self.stores.on_account(&integration.account) {
                 let _ = self.queues.integrations.send(sibling);
             }
@@ -431,6 +460,9 @@ fn lease_request<'a>(
         pod,
         job_requests: job.requests,
         max_concurrency,
+        // Pods without a lease pace by the plan's per-pod share (their file or env):
+        // the book reserves it for each of them.
+        live_pods: job.pods,
         static_share: job.per_pod,
     }
 }
@@ -688,12 +720,13 @@ mod tests {
             peak_concurrency: u64::MAX,
             queued: u64::MAX,
         };
-        for _ in 0..3 {
+        let now = wall_millis();
+        for call in 0..3 {
             quota
                 .grant(
                     &identity("import-0"),
                     &report("import-0", "import", huge.clone()),
-                    wall_millis(),
+                    now + call * 5_000,
                 )
                 .expect("granted");
         }
@@ -703,6 +736,87 @@ mod tests {
             u64::MAX
         );
         assert_eq!(quota.metrics.lease_grants.get_or_create(&labels).get(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_pod_renewing_too_often_gets_429_too_frequent_with_retry_after() {
+        let stores = stores_with(
+            vec![catalog(true)],
+            vec![labelled_pod("shop", "import-0", "catalog", "import")],
+        );
+        let (quota, _changes) = quota(stores);
+        let now = wall_millis();
+        let queued = |queued| {
+            report(
+                "import-0",
+                "import",
+                Usage {
+                    queued,
+                    ..Usage::default()
+                },
+            )
+        };
+        quota
+            .grant(&identity("import-0"), &queued(0), now)
+            .expect("the first call is granted");
+        let refused = quota
+            .grant(&identity("import-0"), &queued(40), now + 300)
+            .expect_err("300 ms later is too soon");
+        assert_eq!(
+            refused,
+            QuotaError::TooFrequent {
+                namespace: "shop".into(),
+                pod: "import-0".into(),
+                retry_after_millis: 700,
+            }
+        );
+        // The refused report did not count: demand is still what the first said.
+        let key = JobKey::new("shop", "catalog", "import");
+        let wanted = quota
+            .stores
+            .reports
+            .demand
+            .read()
+            .map(|book| book.wanted(&key, now + 300, 10_000));
+        assert_eq!(wanted.ok().flatten(), Some(0));
+        assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+        // Once the interval has passed it is granted again.
+        assert!(
+            quota
+                .grant(&identity("import-0"), &queued(40), now + 1_000)
+                .is_ok()
+        );
+    }
+
+    #[tokio::test]
+    async fn demand_that_keeps_moving_queues_the_account_once_per_window() {
+        let pods: Vec<String> = (0..10).map(|n| format!("import-{n}")).collect();
+        let stores = stores_with(
+            vec![catalog(true)],
+            pods.iter()
+                .map(|pod| labelled_pod("shop", pod, "catalog", "import"))
+                .collect(),
+        );
+        let (quota, mut changes) = quota(stores);
+        // acme's window is its period, 10 s; start at the start of one.
+        let window_start = (wall_millis() / 10_000 + 1) * 10_000;
+        let mut queued = |pods: &[String], at: u64| {
+            for (n, pod) in (0u64..).zip(pods) {
+                let usage = Usage {
+                    queued: 50,
+                    ..Usage::default()
+                };
+                quota
+                    .grant(&identity(pod), &report(pod, "import", usage), at + n)
+                    .expect("granted");
+            }
+            std::iter::from_fn(|| changes.integrations.try_recv().ok()).count()
+        };
+        // Ten pods each add 50 queued: demand moves with every report (50,
+        // 100, … 500), and the account is queued once for the window.
+        assert_eq!(queued(&pods, window_start), 1);
+        // The next window's first report carries the moves that waited.
+        assert_eq!(queued(&pods[..1], window_start + 10_000), 1);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! and notifications.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::Json;
 use axum::routing::post;
@@ -41,7 +42,22 @@ struct Quota {
 }
 
 impl Quota {
+    /// One call, as a sidecar makes it: a pod told it renews too often
+    /// (429 `TooFrequent`) waits its `Retry-After` and calls again.
     async fn post(&self, token: Option<&str>, body: Vec<u8>) -> (u16, Value) {
+        loop {
+            let (status, retry_after, answer) = self.post_once(token, body.clone()).await;
+            match retry_after {
+                Some(seconds) if status == 429 && answer["reason"] == "TooFrequent" => {
+                    tokio::time::sleep(Duration::from_secs(seconds)).await;
+                }
+                _ => return (status, answer),
+            }
+        }
+    }
+
+    /// One call exactly: its status, `Retry-After` (seconds) and body.
+    async fn post_once(&self, token: Option<&str>, body: Vec<u8>) -> (u16, Option<u64>, Value) {
         let mut request = self
             .http
             .post(&self.url)
@@ -52,8 +68,13 @@ impl Quota {
         }
         let response = request.send().await.expect("quota API answers");
         let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
         let body = response.json::<Value>().await.unwrap_or(Value::Null);
-        (status, body)
+        (status, retry_after, body)
     }
 }
 
@@ -342,6 +363,44 @@ async fn persistent_throttling_fires_and_resolves() {
     assert!(notes[0]["since"].as_str().is_some());
     assert_eq!(notes[1]["state"], "resolved");
     assert_eq!(notes[1]["jobs"], json!(["price-sync"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_renewing_too_often_gets_429_too_frequent() {
+    let (env, quota, _) = setup().await;
+    let import = env
+        .pod("shop", "import-0", "catalog", "product-import")
+        .await;
+    let token = token_for(&env, &import).await;
+    eventually("a grant for import-0", || async {
+        match quota
+            .post(Some(&token), report("import-0", "product-import", 0))
+            .await
+        {
+            (200, _) => Ok(()),
+            (status, body) => Err(format!("{status} {body}")),
+        }
+    })
+    .await;
+    // Right after a grant: refused, told when to come back, in JSON. (A
+    // call that came a second late is granted and the next one is early.)
+    let (retry_after, body) = eventually("a call within a second of a grant", || async {
+        match quota
+            .post_once(Some(&token), report("import-0", "product-import", 0))
+            .await
+        {
+            (429, retry_after, body) => Ok((retry_after, body)),
+            (status, _, body) => Err(format!("{status} {body}")),
+        }
+    })
+    .await;
+    assert_eq!(body["reason"], "TooFrequent");
+    assert_eq!(retry_after, Some(1));
+    // Waiting as told is enough.
+    let (status, body) = quota
+        .post(Some(&token), report("import-0", "product-import", 0))
+        .await;
+    assert_eq!(status, 200, "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,6 +12,14 @@
 //! With `lendIdleCapacity`, the allocation caps a job at its demand (never
 //! below its floor), so capacity a job does not use goes to jobs that queue,
 //! and returns as soon as the job reports queued work again.
+//!
+//! Demand is a rate that moves a little with nearly every report, and each
+//! move re-plans the account (annotations, status, Events). So the book
+//! plans with a *planned* figure that follows the measured one only when it
+//! moves far enough ([`moves_the_plan`]: by [`STEP_PERCENT`] of the planned
+//! figure and at least [`MIN_STEP`] requests, or to or from zero), or when
+//! the job had no known demand before. Small wobbles are absorbed; a job that
+//! goes idle or comes back with queued work moves the plan at once.
 
 use std::collections::HashMap;
 
@@ -58,27 +66,57 @@ pub fn horizon(period_millis: u64) -> u64 {
     period_millis.saturating_mul(2).max(ttl)
 }
 
+/// A move of demand below this share of the planned figure does not re-plan.
+pub const STEP_PERCENT: u64 = 10;
+
+/// Nor does a move of fewer requests per period than this.
+pub const MIN_STEP: u64 = 2;
+
+/// Whether measured demand `wanted` is far enough from the `planned` figure to
+/// re-plan: by at least [`STEP_PERCENT`] of it and [`MIN_STEP`] requests, or
+/// to or from zero (a job going idle or coming back).
+pub fn moves_the_plan(planned: u32, wanted: u32) -> bool {
+    if (planned == 0) != (wanted == 0) {
+        return true;
+    }
+    let step = (u64::from(planned) * STEP_PERCENT)
+        .div_ceil(100)
+        .max(MIN_STEP);
+    u64::from(planned.abs_diff(wanted)) >= step
+}
+
+/// One job's pods' last reports, and the demand the plan uses.
+#[derive(Debug, Default)]
+struct JobDemand {
+    pods: HashMap<String, PodDemand>,
+    /// The figure last planned with; moves only by [`moves_the_plan`].
+    planned: u32,
+}
+
 /// Demand per job.
 #[derive(Debug, Default)]
 pub struct DemandBook {
-    jobs: HashMap<JobKey, HashMap<String, PodDemand>>,
+    jobs: HashMap<JobKey, JobDemand>,
 }
 
 impl DemandBook {
-    /// Fold a pod's report in at `now`. Returns whether the job's known
-    /// demand changed.
+    /// Fold a pod's report in at `now`. Returns whether the job's planned
+    /// demand changed (and the account should be planned again).
     pub fn report(&mut self, report: Report<'_>, now_millis: u64, period_millis: u64) -> bool {
-        let before = self.demand(report.job, now_millis, period_millis);
         let horizon = horizon(period_millis);
-        let pods = self.jobs.entry(report.job.clone()).or_default();
-        pods.retain(|_, pod| now_millis.saturating_sub(pod.at_millis) <= horizon);
+        let job = self.jobs.entry(report.job.clone()).or_default();
+        job.pods
+            .retain(|_, pod| now_millis.saturating_sub(pod.at_millis) <= horizon);
+        // Without a recent report the plan had no demand for the job: any figure moves it.
+        let known = !job.pods.is_empty();
         // A first report (or one after a long silence) covers one period.
-        let over_millis = pods
+        let over_millis = job
+            .pods
             .get(report.pod)
             .map(|previous| now_millis.saturating_sub(previous.at_millis))
             .filter(|&over| over > 0)
             .unwrap_or(period_millis);
-        pods.insert(
+        job.pods.insert(
             report.pod.to_owned(),
             PodDemand {
                 at_millis: now_millis,
@@ -87,24 +125,47 @@ impl DemandBook {
                 queued: report.queued,
             },
         );
-        before != self.demand(report.job, now_millis, period_millis)
+        let wanted = measured(job.pods.values(), period_millis);
+        let moved = !known || moves_the_plan(job.planned, wanted);
+        if moved {
+            job.planned = wanted;
+        }
+        moved
     }
 
-    /// Requests per period the job wants, if one of its pods reported recently.
+    /// Requests per period the plan gives the job as its demand, if one of its
+    /// pods reported recently: the measured figure as of its last big move.
     pub fn demand(&self, job: &JobKey, now_millis: u64, period_millis: u64) -> Option<u32> {
+        let job = self.jobs.get(job)?;
+        let horizon = horizon(period_millis);
+        job.pods
+            .values()
+            .any(|pod| now_millis.saturating_sub(pod.at_millis) <= horizon)
+            .then_some(job.planned)
+    }
+
+    /// Requests per period the job's pods want as measured right now, if one
+    /// of them reported recently (what [`DemandBook::demand`] follows).
+    pub fn wanted(&self, job: &JobKey, now_millis: u64, period_millis: u64) -> Option<u32> {
         let horizon = horizon(period_millis);
         let mut recent = self
             .jobs
             .get(job)?
+            .pods
             .values()
             .filter(|pod| now_millis.saturating_sub(pod.at_millis) <= horizon)
             .peekable();
         recent.peek()?;
-        let wanted = recent.fold(0u64, |sum, pod| {
-            sum.saturating_add(pod.per_period(period_millis))
-        });
-        Some(u32::try_from(wanted).unwrap_or(u32::MAX))
+        Some(measured(recent, period_millis))
     }
+}
+
+/// Σ per-period demand of `pods`, saturating at `u32::MAX`.
+fn measured<'a>(pods: impl Iterator<Item = &'a PodDemand>, period_millis: u64) -> u32 {
+    let wanted = pods.fold(0u64, |sum, pod| {
+        sum.saturating_add(pod.per_period(period_millis))
+    });
+    u32::try_from(wanted).unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]
@@ -130,22 +191,22 @@ mod tests {
     fn demand_is_the_rate_sent_per_period_whatever_the_report_interval() {
         let job = job();
         let mut book = DemandBook::default();
-        assert_eq!(book.demand(&job, 0, P), None);
+        assert_eq!(book.wanted(&job, 0, P), None);
         assert!(book.report(sent(&job, "a", 0, 0), 0, P));
         // 6 requests in 5 s is 12 per 10 s.
         book.report(sent(&job, "a", 6, 0), 5_000, P);
-        assert_eq!(book.demand(&job, 6_000, P), Some(12));
+        assert_eq!(book.wanted(&job, 6_000, P), Some(12));
         // Reporting ten times as often at the same rate changes nothing.
         for step in 1..=10 {
             book.report(sent(&job, "a", 1, 0), 5_000 + step * 833, P);
         }
         assert_eq!(
-            book.demand(&job, 14_000, P),
+            book.wanted(&job, 14_000, P),
             Some(13),
             "1 per 833 ms, rounded up"
         );
         // The same rate against a 1 s period.
-        assert_eq!(book.demand(&job, 14_000, 1_000), Some(2));
+        assert_eq!(book.wanted(&job, 14_000, 1_000), Some(2));
     }
 
     #[test]
@@ -176,5 +237,48 @@ mod tests {
         // The silent pod's old report no longer counts once it reports again late.
         book.report(sent(&job, "b", 2, 0), 100_000, 1_000);
         assert_eq!(book.demand(&job, 100_000, 1_000), Some(2));
+    }
+
+    #[test]
+    fn small_moves_of_demand_do_not_re_plan_and_big_ones_do() {
+        let job = job();
+        let mut book = DemandBook::default();
+        // 20 queued: the first figure plans at once.
+        assert!(book.report(sent(&job, "a", 0, 20), 0, P));
+        // Steady reporting that wobbles by a request or two (under 10 %) does not.
+        for (at, queued) in [(1_000, 21), (2_000, 19), (3_000, 20), (4_000, 21)] {
+            assert!(!book.report(sent(&job, "a", 0, queued), at, P), "{queued}");
+            assert_eq!(book.demand(&job, at, P), Some(20));
+        }
+        assert_eq!(book.wanted(&job, 4_000, P), Some(21));
+        // A move of 10 % or more does, and becomes the planned figure.
+        assert!(book.report(sent(&job, "a", 0, 23), 5_000, P));
+        assert_eq!(book.demand(&job, 5_000, P), Some(23));
+        // Going idle and coming back always re-plan, however small the figure.
+        assert!(book.report(sent(&job, "a", 0, 0), 6_000, P));
+        assert_eq!(book.demand(&job, 6_000, P), Some(0));
+        assert!(book.report(sent(&job, "a", 0, 1), 7_000, P));
+        assert_eq!(book.demand(&job, 7_000, P), Some(1));
+    }
+
+    #[test]
+    fn a_job_heard_again_after_silence_re_plans_even_at_its_old_figure() {
+        let job = job();
+        let mut book = DemandBook::default();
+        assert!(book.report(sent(&job, "a", 0, 20), 0, P));
+        assert_eq!(book.demand(&job, 30_000, P), None);
+        assert!(book.report(sent(&job, "a", 0, 20), 30_000, P));
+        assert_eq!(book.demand(&job, 30_000, P), Some(20));
+    }
+
+    #[test]
+    fn the_step_is_ten_percent_and_at_least_two_requests() {
+        assert!(!moves_the_plan(10, 11));
+        assert!(moves_the_plan(10, 12));
+        assert!(!moves_the_plan(100, 91));
+        assert!(moves_the_plan(100, 90));
+        assert!(moves_the_plan(0, 1));
+        assert!(moves_the_plan(u32::MAX, 0));
+        assert!(!moves_the_plan(u32::MAX, u32::MAX - 1));
     }
 }

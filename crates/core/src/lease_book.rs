@@ -3,14 +3,26 @@
 //!
 //! Pods renew a lease every `refreshMillis`; each answer is a [`Grant`] that holds for
 //! one TTL. The book owns the leases alive at this instant and decides every grant:
-//! the job's allocation split over the job's pods that hold a live lease
-//! ([`pod_share`]), cut down to what the *other* live grants leave of the job's
-//! allocation and of the account's usable budget. Capacity one pod gives up reaches
-//! another only once the first pod's older lease has expired or been renewed at the
-//! lower figure, so at every instant the live grants of an account add up to no more
-//! than its usable rate. After a restart the book cannot know what the previous leader
-//! granted, so for one TTL it grants no more than each pod's static share (its env or
-//! limit file), which is what a pod without a lease uses anyway.
+//! the job's allocation split over the job's *live* pods ([`pod_target`]), cut down to
+//! what the *other* live grants and the static shares of the job's pods without a
+//! lease leave of the job's allocation, and to what the other live grants leave of
+//! the account's usable budget. Capacity one pod gives up reaches another only once
+//! the first pod's older lease has expired or been renewed at the lower figure.
+//!
+//! A fleet may mix pods that lease with pods that pace by their limit file or env
+//! (they never lease, were refused, or their lease lapsed): each of those sends its
+//! static share, so the book reserves that share for every live pod of the job that
+//! holds no lease with it, and counts each lease at no less than the static share its
+//! pod falls back to when the lease lapses. So what every pod of a job may send (its
+//! grant, or else its static share) adds up to no more than the job's allocation.
+//!
+//! After a restart (or a leader change) the book cannot see what the previous leader
+//! granted. For one TTL it grants no more than each pod's static share, and it
+//! reserves the static share for every live pod that has not leased with it yet. The
+//! previous leader granted a pod at most its target: the static share, plus one
+//! request for `allocation % pods` of the pods. New grants capped at the static share
+//! leave those requests unused, so old and new grants together stay within the
+//! allocation too.
 //!
 //! The book never reads a clock, never talks to the API server, never authenticates
 //! and never logs. The quota API's handler resolves the pod's account, usable budget,
@@ -33,10 +45,14 @@
 //! What the book guarantees, at every instant: for any figure `a`, the live grants on
 //! an account that were made under a usable rate of at most `a` add up to at most `a`,
 //! and the same holds for a job's grants and its allocation. So while an account's
-//! budget does not change its live grants never exceed it, and while a job's allocation
-//! does not change neither do the job's. When a figure drops, grants made under the
-//! higher one stay live until their pods renew or their leases lapse (one TTL at
-//! most), and until then new grants get only what they leave.
+//! budget does not change its live grants never exceed it, and while a job's plan (its
+//! allocation and live pods) does not change, its grants plus the static shares of its
+//! pods without a live grant do not exceed its allocation, across leader changes too.
+//! When a figure drops, grants made under the higher one stay live until their pods
+//! renew or their leases lapse (one TTL at most), and until then new grants get only
+//! what they leave. The caller passes consistent figures: the static share is the
+//! allocation split over `live_pods` (a larger one is reserved only up to the pod's
+//! target: the book's own split wins over a stale count).
 //!
 //! Leases expire in the order they were made, because the TTL is fixed and the book's
 //! clock never goes back (an earlier `now` counts as the latest one seen). So each job
@@ -51,25 +67,31 @@
 //! use saleslayer_core::lease_book::{LeaseBook, LeaseRequest};
 //!
 //! let job = JobKey::new("shop", "catalog", "price-sync");
-//! let ask = |pod| LeaseRequest {
+//! let ask = |pod, live_pods| LeaseRequest {
 //!     account: "acme",
 //!     usable: UsableBudget { requests: 40, period_millis: 10_000 },
 //!     job: &job,
 //!     pod,
 //!     job_requests: 24,
 //!     max_concurrency: None,
-//!     static_share: pod_share(24, 10_000, 2, None),
+//!     live_pods,
+//!     static_share: pod_share(24, 10_000, live_pods, None),
 //! };
 //! let mut book = LeaseBook::new(0, 15_000, 5_000);
 //!
 //! // Within one TTL of the start the static share caps the grant: 12 of the job's 24.
-//! assert_eq!(book.lease(0, &ask("a")).share.requests, 12);
+//! assert_eq!(book.lease(0, &ask("a", 2)).share.requests, 12);
 //! // Later a lone pod gets the whole allocation…
-//! assert_eq!(book.lease(15_000, &ask("a")).share.requests, 24);
+//! assert_eq!(book.lease(15_000, &ask("a", 1)).share.requests, 24);
 //! // …so a second pod gets nothing until the first renews at half.
-//! assert_eq!(book.lease(15_001, &ask("b")).share.requests, 0);
-//! assert_eq!(book.lease(20_000, &ask("a")).share.requests, 12);
-//! assert_eq!(book.lease(20_001, &ask("b")).share.requests, 12);
+//! assert_eq!(book.lease(15_001, &ask("b", 2)).share.requests, 0);
+//! assert_eq!(book.lease(20_000, &ask("a", 2)).share.requests, 12);
+//! assert_eq!(book.lease(20_001, &ask("b", 2)).share.requests, 12);
+//! // A third pod that paces by its file (24 ÷ 3 = 8) is reserved its share though
+//! // it never asks: while b still holds 12, a gets 4; then both settle at 8.
+//! assert_eq!(book.lease(25_000, &ask("a", 3)).share.requests, 4);
+//! assert_eq!(book.lease(25_001, &ask("b", 3)).share.requests, 8);
+//! assert_eq!(book.lease(30_000, &ask("a", 3)).share.requests, 8);
 //! ```
 
 use std::cmp::{Ordering, Reverse};
@@ -103,7 +125,11 @@ pub struct LeaseRequest<'a> {
     pub job_requests: u32,
     /// The job's `maxConcurrency`.
     pub max_concurrency: Option<u32>,
-    /// The pod's share by its env or limit file: the cap for one TTL after a restart.
+    /// The job's live pods as the controller counts them, leasing or not.
+    pub live_pods: u32,
+    /// The share each of the job's pods paces by without a lease (its limit file or
+    /// env): reserved for every live pod without a lease, the least a lease counts
+    /// for, and the cap for one TTL after a restart.
     pub static_share: PodShare,
 }
 
@@ -153,8 +179,9 @@ struct Job {
     pods: HashMap<Box<str>, Lease>,
 }
 
-/// One pod's lease: the grant it holds and when that lapses. Units are not stored
-/// (they follow from the grant and the account's period), to keep a lease small.
+/// One pod's lease: what it reserves (its grant, or the static share it falls back
+/// to when that is more) and when that lapses. Units are not stored (they follow
+/// from the share and the account's period), to keep a lease small.
 #[derive(Debug, Clone, Copy)]
 struct Lease {
     expires_millis: u64,
@@ -186,11 +213,13 @@ impl LeaseBook {
     /// Renews (or opens) the lease of `request.pod` at `now_millis` and returns its grant.
     ///
     /// The grant is the pod's target, [`pod_target`] of the job's allocation over the
-    /// job's pods with a live lease (the requester included), capped by the static
-    /// share within one TTL of the start, then cut to what the other live grants leave
-    /// of the job's allocation and of the account's usable rate. What is left below one
-    /// request per period is granted as one request per a stretched period; a budget
-    /// with a zero period grants nothing.
+    /// job's live pods (at least those with a live lease, the requester included),
+    /// capped by the static share within one TTL of the start, then cut to what the
+    /// job's allocation leaves once the other live grants and the reserve for the
+    /// job's pods without a lease are taken, and to what the other live grants leave
+    /// of the account's usable rate. What is left below one request per period is
+    /// granted as one request per a stretched period; a budget with a zero period
+    /// grants nothing.
     pub fn lease(&mut self, now_millis: u64, request: &LeaseRequest<'_>) -> Grant {
         let now = self.advance(now_millis);
         let restarting = now < self.started_millis.saturating_add(self.ttl_millis);
@@ -244,8 +273,10 @@ impl LeaseBook {
     /// The rate reserved by the live leases of `account` at `now_millis`, as
     /// `(numerator, denominator)` in requests per millisecond, reduced.
     ///
-    /// This is the book's own reckoning: each grant rounded up to whole units, so it
-    /// is never below the exact sum and equals it unless periods are stretched.
+    /// This is the book's own reckoning: each lease at its grant (or at the static
+    /// share its pod falls back to, when more), rounded up to whole units, so it is
+    /// never below the exact sum of the grants and equals it unless periods are
+    /// stretched or a pod waits below its static share.
     pub fn live_rate(&self, now_millis: u64, account: &str) -> (u128, u128) {
         let now = now_millis.max(self.clock_millis);
         let Some(account) = self.account_ids.get(account).map(|&id| &self.accounts[id]) else {
@@ -362,7 +393,9 @@ impl Account {
             None => self.jobs.entry(request.job.clone()).or_default(),
         };
         let leasing = job.pods.len() + usize::from(!job.pods.contains_key(request.pod));
-        let pods = u32::try_from(leasing).unwrap_or(u32::MAX);
+        let leasing = u32::try_from(leasing).unwrap_or(u32::MAX);
+        // The split is over the job's live pods, of which some may pace by their file.
+        let pods = leasing.max(request.live_pods);
         // The pod's place among the job's leasing pods, by name: only an uneven
         // split needs it, so an even one does not scan the job's pods.
         let rank = if request.job_requests.is_multiple_of(pods.max(1)) {
@@ -391,23 +424,39 @@ impl Account {
         } else {
             target
         };
+        // Each live pod without a lease here sends its static share. Within a TTL of
+        // a restart it may instead hold a grant of the previous leader: at most its
+        // target, which is the static share plus one request for `job_requests % pods`
+        // of the pods, and new grants capped at the static share leave exactly those
+        // requests unused.
+        let reserve = units(
+            request.static_share.requests,
+            request.static_share.period_millis,
+            base,
+        )
+        .saturating_mul(u128::from(pods - leasing));
         let room = if request.usable.period_millis == 0 {
             0
         } else {
-            let job_room = (u128::from(request.job_requests) * SCALE).saturating_sub(job.granted);
+            let job_room = (u128::from(request.job_requests) * SCALE)
+                .saturating_sub(job.granted)
+                .saturating_sub(reserve);
             let account_room =
                 (u128::from(request.usable.requests) * SCALE).saturating_sub(self.granted);
             job_room.min(account_room)
         };
         let share = fit(wanted, room, request.usable.period_millis);
 
-        let units = units(share.requests, share.period_millis, base);
+        // When the lease lapses the pod falls back to its static share: the lease
+        // counts for at least that (but never above the target, see the module docs).
+        let kept = faster(share, slower(request.static_share, target));
+        let units = units(kept.requests, kept.period_millis, base);
         job.granted = job.granted.saturating_add(units);
         self.granted = self.granted.saturating_add(units);
         let lease = Lease {
             expires_millis,
-            period_millis: share.period_millis,
-            requests: share.requests,
+            period_millis: kept.period_millis,
+            requests: kept.requests,
         };
         match previous {
             Some(previous) => *previous = lease,
@@ -541,6 +590,15 @@ fn slower(a: PodShare, b: PodShare) -> PodShare {
     }
 }
 
+/// The faster of two shares by rate (the concurrency of that one).
+fn faster(a: PodShare, b: PodShare) -> PodShare {
+    if rate_cmp(a, b) == Ordering::Less {
+        b
+    } else {
+        a
+    }
+}
+
 /// Compares the rates of two shares exactly; no requests is zero whatever the period,
 /// a zero period with requests is unbounded.
 fn rate_cmp(a: PodShare, b: PodShare) -> Ordering {
@@ -584,7 +642,8 @@ mod tests {
         }
     }
 
-    /// A request on account `acme` (usable 40 per 10 s) whose static share is the whole job.
+    /// A request on account `acme` (usable 40 per 10 s) of a job whose pods all lease
+    /// and which the controller has not counted yet: the lease rules alone.
     fn ask<'a>(job: &'a JobKey, pod: &'a str, job_requests: u32) -> LeaseRequest<'a> {
         LeaseRequest {
             account: "acme",
@@ -596,7 +655,8 @@ mod tests {
             pod,
             job_requests,
             max_concurrency: None,
-            static_share: pod_share(job_requests, P, 1, None),
+            live_pods: 0,
+            static_share: share(0, P),
         }
     }
 
@@ -1345,6 +1405,7 @@ mod tests {
                         pod: &pods[pod],
                         job_requests,
                         max_concurrency,
+                        live_pods: counted,
                         static_share,
                     };
                     let grant = book.lease(model.now, &request).share;
@@ -1365,7 +1426,7 @@ mod tests {
                     let target = pod_target(
                         job_requests,
                         usable.period_millis,
-                        u32::try_from(others + 1).unwrap(),
+                        u32::try_from(others + 1).unwrap().max(counted),
                         before,
                         max_concurrency,
                     );
@@ -1429,6 +1490,244 @@ mod tests {
         last
     }
 
+    // ---- mixed fleets and leader changes ----
+
+    /// One step of a fleet whose pods may or may not lease.
+    #[derive(Debug, Clone)]
+    enum FleetStep {
+        /// A live pod that leases asks (again); others ignore it.
+        Lease {
+            job: usize,
+            pod: usize,
+        },
+        Wait(u64),
+        /// The controller re-divides the budget by these weights.
+        Reallocate(Vec<u32>),
+        /// A pod is admitted: it sends its static share until (unless) it leases.
+        Start {
+            job: usize,
+            pod: usize,
+        },
+        /// A pod is deleted: it sends nothing more and the book releases it.
+        Delete {
+            job: usize,
+            pod: usize,
+        },
+        /// Another replica takes over with a fresh book; the old grants stay live.
+        LeaderChange,
+    }
+
+    const FLEET_JOBS: usize = 3;
+    const FLEET_PODS: usize = 4;
+
+    fn fleet_step() -> impl Strategy<Value = FleetStep> {
+        prop_oneof![
+            10 => (0..FLEET_JOBS, 0..FLEET_PODS)
+                .prop_map(|(job, pod)| FleetStep::Lease { job, pod }),
+            4 => prop_oneof![0..2_000u64, 0..20_000u64].prop_map(FleetStep::Wait),
+            1 => proptest::collection::vec(0..5u32, FLEET_JOBS).prop_map(FleetStep::Reallocate),
+            1 => (0..FLEET_JOBS, 0..FLEET_PODS).prop_map(|(job, pod)| FleetStep::Start { job, pod }),
+            1 => (0..FLEET_JOBS, 0..FLEET_PODS).prop_map(|(job, pod)| FleetStep::Delete { job, pod }),
+            1 => Just(FleetStep::LeaderChange),
+        ]
+    }
+
+    /// A grant as the pod holds it: the newest one it got, from whichever book.
+    #[derive(Debug, Clone, Copy)]
+    struct Held {
+        share: PodShare,
+        expires: u64,
+        /// The plan it was made under.
+        plan: u64,
+    }
+
+    /// The fleet as the test sees it, apart from the book.
+    struct Fleet {
+        now: u64,
+        usable: UsableBudget,
+        weights: Vec<u32>,
+        /// Which pods are live, and which of them ever lease.
+        live: Vec<Vec<bool>>,
+        leases: Vec<Vec<bool>>,
+        held: HashMap<(usize, usize), Held>,
+        /// Bumped whenever allocations or live pods change.
+        plan: u64,
+    }
+
+    impl Fleet {
+        fn allocation(&self, job: usize) -> u32 {
+            let total: u64 = self.weights.iter().copied().map(u64::from).sum();
+            if total == 0 {
+                return 0;
+            }
+            let share = u64::from(self.usable.requests) * u64::from(self.weights[job]) / total;
+            u32::try_from(share).unwrap_or(u32::MAX)
+        }
+
+        fn live_pods(&self, job: usize) -> u32 {
+            u32::try_from(self.live[job].iter().filter(|&&live| live).count()).unwrap_or(0)
+        }
+
+        /// What the pods of `job` pace by without a lease: the plan's per-pod share.
+        fn static_share(&self, job: usize) -> PodShare {
+            pod_share(
+                self.allocation(job),
+                self.usable.period_millis,
+                self.live_pods(job),
+                None,
+            )
+        }
+
+        /// What every live pod of `job` may send now: its live grant, else its static share.
+        fn may_send(&self, job: usize) -> Vec<PodShare> {
+            (0..FLEET_PODS)
+                .filter(|&pod| self.live[job][pod])
+                .map(|pod| match self.held.get(&(job, pod)) {
+                    Some(held) if held.expires > self.now => held.share,
+                    _ => self.static_share(job),
+                })
+                .collect()
+        }
+
+        /// Σ what every pod may send ≤ each job's allocation ≤ usable, while every live
+        /// grant was made under the plan in force (older ones last one TTL at most).
+        fn check(&self) {
+            let stale = self
+                .held
+                .values()
+                .any(|held| held.expires > self.now && held.plan != self.plan);
+            if stale {
+                return;
+            }
+            let mut all = Vec::new();
+            for job in 0..FLEET_JOBS {
+                let sends = self.may_send(job);
+                assert!(
+                    fits(&sends, self.allocation(job), self.usable.period_millis),
+                    "job {job} may send {sends:?} over its allocation {} at {}",
+                    self.allocation(job),
+                    self.now
+                );
+                all.extend(sends);
+            }
+            assert!(
+                fits(&all, self.usable.requests, self.usable.period_millis),
+                "{all:?} over {:?}",
+                self.usable
+            );
+        }
+    }
+
+    fn run_fleet(
+        started: u64,
+        usable: UsableBudget,
+        leases: Vec<Vec<bool>>,
+        live: Vec<Vec<bool>>,
+        steps: &[FleetStep],
+    ) {
+        let keys: Vec<JobKey> = (0..FLEET_JOBS).map(|j| key(&format!("job{j}"))).collect();
+        let names: Vec<String> = (0..FLEET_PODS).map(|p| format!("pod{p}")).collect();
+        let mut book = LeaseBook::new(started, TTL, REFRESH);
+        let mut fleet = Fleet {
+            now: started,
+            usable,
+            weights: vec![1; FLEET_JOBS],
+            live,
+            leases,
+            held: HashMap::new(),
+            plan: 0,
+        };
+        for step in steps {
+            match *step {
+                FleetStep::Lease { job, pod } => {
+                    if fleet.live[job][pod] && fleet.leases[job][pod] {
+                        let request = LeaseRequest {
+                            account: "acme",
+                            usable: fleet.usable,
+                            job: &keys[job],
+                            pod: &names[pod],
+                            job_requests: fleet.allocation(job),
+                            max_concurrency: None,
+                            live_pods: fleet.live_pods(job),
+                            static_share: fleet.static_share(job),
+                        };
+                        let share = book.lease(fleet.now, &request).share;
+                        let held = Held {
+                            share,
+                            expires: fleet.now + TTL,
+                            plan: fleet.plan,
+                        };
+                        fleet.held.insert((job, pod), held);
+                    }
+                }
+                FleetStep::Wait(millis) => fleet.now += millis,
+                FleetStep::Reallocate(ref weights) => {
+                    fleet.weights.clone_from(weights);
+                    fleet.plan += 1;
+                }
+                FleetStep::Start { job, pod } => {
+                    if !fleet.live[job][pod] {
+                        fleet.live[job][pod] = true;
+                        fleet.plan += 1;
+                    }
+                }
+                FleetStep::Delete { job, pod } => {
+                    if fleet.live[job][pod] {
+                        fleet.live[job][pod] = false;
+                        fleet.held.remove(&(job, pod));
+                        book.release(&keys[job], &names[pod]);
+                        fleet.plan += 1;
+                    }
+                }
+                FleetStep::LeaderChange => {
+                    book = LeaseBook::new(fleet.now, TTL, REFRESH);
+                }
+            }
+            fleet.check();
+        }
+    }
+
+    #[test]
+    fn a_pod_that_paces_by_its_file_is_reserved_its_share() {
+        // The issue's example: allocation 24, a leases, b sends its file's 12.
+        let job = key("a");
+        let mut book = book();
+        let request = LeaseRequest {
+            live_pods: 2,
+            static_share: pod_share(24, P, 2, None),
+            ..ask(&job, "a", 24)
+        };
+        assert_eq!(requests(&mut book, SETTLED, &request), 12);
+        // Still 12 once the restart window is long over, renewal after renewal.
+        assert_eq!(requests(&mut book, SETTLED + 10 * TTL, &request), 12);
+    }
+
+    #[test]
+    fn old_and_new_leaders_grants_together_stay_within_the_allocation() {
+        let job = key("a");
+        // 10 over 3 pods: targets 4, 3, 3; the static share is 3.
+        let request = |pod| LeaseRequest {
+            live_pods: 3,
+            static_share: pod_share(10, P, 3, None),
+            ..ask(&job, pod, 10)
+        };
+        let mut old = book();
+        let mut t = SETTLED;
+        for pod in ["a", "b", "c", "a", "b", "c"] {
+            old.lease(t, &request(pod));
+            t += 1;
+        }
+        assert_eq!(requests(&mut old, t, &request("a")), 4);
+        // A new leader takes over while a holds 4: b and c renew at their static 3,
+        // which leaves a's extra request unused.
+        let mut new = LeaseBook::new(t, TTL, REFRESH);
+        assert_eq!(requests(&mut new, t + 1, &request("b")), 3);
+        assert_eq!(requests(&mut new, t + 2, &request("c")), 3);
+        assert_eq!(requests(&mut new, t + 3, &request("a")), 3);
+        // One TTL on, no old grant can be live: a gets its full target.
+        assert_eq!(requests(&mut new, t + TTL, &request("a")), 4);
+    }
+
     proptest! {
         #[test]
         fn live_grants_never_exceed_the_last_budget_or_allocation(
@@ -1438,6 +1737,28 @@ mod tests {
             steps in proptest::collection::vec(step(), 1..80),
         ) {
             run(started, &steps, homes, budgets);
+        }
+
+        /// Leases, renewals, expiry, reallocation, pods that never lease and leader
+        /// changes: what every pod may send (its live grant, else its static share)
+        /// never adds up to more than its job's allocation or the usable budget.
+        #[test]
+        fn what_every_pod_may_send_stays_within_the_plan(
+            started in prop_oneof![Just(0u64), 0..40_000u64],
+            usable in (0..80u32, period()).prop_map(|(requests, period_millis)| {
+                UsableBudget { requests, period_millis }
+            }),
+            leases in proptest::collection::vec(
+                proptest::collection::vec(any::<bool>(), FLEET_PODS),
+                FLEET_JOBS,
+            ),
+            live in proptest::collection::vec(
+                proptest::collection::vec(any::<bool>(), FLEET_PODS),
+                FLEET_JOBS,
+            ),
+            steps in proptest::collection::vec(fleet_step(), 1..100),
+        ) {
+            run_fleet(started, usable, leases, live, &steps);
         }
 
         #[test]
@@ -1470,6 +1791,7 @@ mod tests {
                         pod,
                         job_requests,
                         max_concurrency,
+                        live_pods: pods,
                         // The controller's count may lag: a share that is too big.
                         static_share: pod_share(job_requests, usable.period_millis, counted, max_concurrency),
                     });
@@ -1482,9 +1804,12 @@ mod tests {
             let settled = renew_in_rounds(&mut book, &mut now, 6, &requests);
             prop_assert_eq!(&settled, &targets);
 
-            // All but one pod stop: once their leases lapse, the last one alone gets
-            // its job's whole allocation.
-            let last = requests[requests.len() - 1];
+            // All but one pod are deleted: once their leases lapse, the last one alone
+            // gets its job's whole allocation.
+            let last = LeaseRequest {
+                live_pods: 1,
+                ..requests[requests.len() - 1]
+            };
             let alone = renew_in_rounds(&mut book, &mut now, 4, &[last]);
             prop_assert_eq!(
                 alone[0],
@@ -1502,7 +1827,7 @@ mod tests {
                     any::<u64>(),
                     (any::<u32>(), prop_oneof![Just(0u64), any::<u64>()]),
                     0..3usize,
-                    any::<u32>(),
+                    (any::<u32>(), any::<u32>()),
                     proptest::option::of(any::<u32>()),
                     (any::<u32>(), prop_oneof![Just(0u64), any::<u64>()], any::<u32>()),
                     any::<bool>(),
@@ -1512,7 +1837,7 @@ mod tests {
         ) {
             let mut book = LeaseBook::new(started, ttl, 1);
             let job = key("a");
-            for (now, (requests, period_millis), pod, job_requests, max_concurrency, fixed, release) in calls {
+            for (now, (requests, period_millis), pod, (job_requests, live_pods), max_concurrency, fixed, release) in calls {
                 let pod = ["a", "b", "c"][pod];
                 if release {
                     book.release(&job, pod);
@@ -1525,6 +1850,7 @@ mod tests {
                     pod,
                     job_requests,
                     max_concurrency,
+                    live_pods,
                     static_share: PodShare {
                         requests: fixed.0,
                         period_millis: fixed.1,
