@@ -31,8 +31,8 @@ use tracing::{Instrument, info, warn};
 
 use super::apply::patch_account_status;
 use super::events::{self, Announcement};
-use super::{Context, Error, RESYNC, integration};
-use crate::metrics::{AccountLabels, OutcomeLabels};
+use super::{Context, Error, RESYNC, integration, on_failure, past_window_end};
+use crate::metrics::AccountLabels;
 
 pub(super) async fn reconcile(
     sla: Arc<SalesLayerAccount>,
@@ -112,9 +112,7 @@ async fn reconcile_inner(sla: Arc<SalesLayerAccount>, ctx: &Context) -> Result<A
     let mut again = write_integrations(ctx, &plan).await?.unwrap_or(RESYNC);
     // Adapting: look again when the window ends, so a clean window counts.
     if effective < account.usable.requests || throttling.windows > 0 {
-        let period = account.usable.period_millis.max(1);
-        let next = (now_ms / period + 1) * period;
-        again = again.min(Duration::from_millis(next - now_ms + 50));
+        again = again.min(past_window_end(now_ms, account.usable.period_millis));
     }
     Ok(Action::requeue(again))
 }
@@ -315,17 +313,11 @@ pub(super) fn error_policy(
     error: &Error,
     ctx: Arc<Context>,
 ) -> Action {
-    if matches!(error, Error::NotLeader) {
+    let Some(retry) = on_failure(&ctx, error) else {
         return Action::await_change();
-    }
-    ctx.metrics
-        .reconcile_errors
-        .get_or_create(&OutcomeLabels {
-            outcome: error.reason().to_owned(),
-        })
-        .inc();
+    };
     warn!(account = %sla.name_any(), reason = error.reason(), %error, "account reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(5))
+    retry
 }
 
 /// Whether `status` says the account adapts (for tests and logs).

@@ -27,8 +27,8 @@ use saleslayer_runtime::clock::wall_millis;
 use tracing::{Instrument, info, warn};
 
 use super::apply::{annotate_pods, patch_status, publish_ca};
-use super::{Context, Error, RESYNC, events};
-use crate::metrics::{JobLabels, OutcomeLabels};
+use super::{Context, Error, RESYNC, events, on_failure, past_window_end};
+use crate::metrics::JobLabels;
 
 pub(super) async fn reconcile(
     sli: Arc<SalesLayerIntegration>,
@@ -156,8 +156,7 @@ pub(super) async fn write_member(
     });
     if deferred {
         // Throttling is written at most once per window: the rest waits for the next.
-        let next = (now_ms / period + 1) * period;
-        return Ok(Some(Duration::from_millis(next - now_ms + 50)));
+        return Ok(Some(past_window_end(now_ms, period)));
     }
     if previous.is_none_or(|p| !same_status(p, &status)) {
         ctx.fence()?;
@@ -184,8 +183,7 @@ pub(super) async fn write_member(
     // While any job is throttled, look again when the window ends: a window
     // without throttled reports ends the run even if nobody reports.
     if throttling.values().any(|t| t.windows > 0) {
-        let next = (now_ms / period + 1) * period;
-        return Ok(Some(Duration::from_millis(next - now_ms + 50)));
+        return Ok(Some(past_window_end(now_ms, period)));
     }
     Ok(None)
 }
@@ -287,16 +285,9 @@ pub(super) fn error_policy(
     error: &Error,
     ctx: Arc<Context>,
 ) -> Action {
-    if matches!(error, Error::NotLeader) {
-        // Not a failure: leadership moved mid-reconcile.
+    let Some(retry) = on_failure(&ctx, error) else {
         return Action::await_change();
-    }
-    ctx.metrics
-        .reconcile_errors
-        .get_or_create(&OutcomeLabels {
-            outcome: error.reason().to_owned(),
-        })
-        .inc();
+    };
     warn!(
         namespace = %sli.namespace().unwrap_or_default(),
         integration = %sli.name_any(),
@@ -304,7 +295,7 @@ pub(super) fn error_policy(
         %error,
         "reconcile failed; retrying"
     );
-    Action::requeue(Duration::from_secs(5))
+    retry
 }
 
 #[cfg(test)]

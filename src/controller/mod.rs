@@ -60,6 +60,32 @@ pub use account::adapting;
 /// How often everything is reconciled even when nothing was seen to change.
 const RESYNC: Duration = Duration::from_secs(300);
 
+/// From `now_ms` to just past the end of its window of `period_millis`:
+/// when to look again so that a window that ends clean counts.
+fn past_window_end(now_ms: u64, period_millis: u64) -> Duration {
+    let period = period_millis.max(1);
+    let next = (now_ms / period + 1) * period;
+    Duration::from_millis(next - now_ms + 50)
+}
+
+/// What both reconciles do with a failure: nothing when leadership moved
+/// mid-reconcile (not a failure; `None`), else count it by reason and retry
+/// in 5 s. The caller logs it with its object's names.
+fn on_failure(ctx: &Context, error: &Error) -> Option<kube::runtime::controller::Action> {
+    if matches!(error, Error::NotLeader) {
+        return None;
+    }
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&crate::metrics::OutcomeLabels {
+            outcome: error.reason().to_owned(),
+        })
+        .inc();
+    Some(kube::runtime::controller::Action::requeue(
+        Duration::from_secs(5),
+    ))
+}
+
 /// Errors of one reconcile, named after the step that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
