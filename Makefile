@@ -10,7 +10,7 @@ IMAGES  := $(or $(SALESLAYER_IMAGES),$(TARGET)/images)
 # The examples' batch client goes into the workload image when its crate exists.
 EXAMPLE_CRATES := $(if $(wildcard examples/catalog-sync/Cargo.toml),-p catalog-sync)
 
-.PHONY: all testenv testenv-node build test unit integration lint crds image e2e demo demo-down bench bench-fleet bench-scale clean
+.PHONY: all testenv testenv-node build test unit integration lint crds image e2e demo demo-down demo-adapt bench bench-fleet bench-scale clean
 
 all: build
 
@@ -65,6 +65,11 @@ demo: testenv-node image
 
 demo-down:
 	scripts/demo.sh down
+
+## On a running demo: someone outside the cluster takes 15 of the account's
+## 50 requests per 10 s for a minute; the account's effective budget adapts.
+demo-adapt:
+	scripts/demo.sh adapt
 
 ## Benchmarks (not in CI; figures in BENCHMARKS.md): allocation in process, and
 ## the controller's convergence on the testenv with the release operator

@@ -8,6 +8,8 @@
 # kubelet) puts the stand-in on localhost:18090 and the operator's /metrics
 # on localhost:18080.
 #   scripts/demo.sh up     (make demo)
+#   scripts/demo.sh adapt  (make demo-adapt): an outside consumer takes part
+#                          of the account; the budget adapts, then recovers
 #   scripts/demo.sh down   (make demo-down): stops the forwards and the node;
 #                          its janitor removes every process, mount,
 #                          namespace and cgroup it made
@@ -80,6 +82,26 @@ up() {
   for job in product-import price-sync stock-sync; do
     kubectl -n shop rollout status "deployment/$job" --timeout=120s > /dev/null
   done
+  # The batch client as a Job (examples/catalog-sync-job.yaml). Its claim is
+  # bound to a hostPath volume in target/demo owned by the pod's user: this
+  # node has no provisioner.
+  rm -rf "$demo/catalog-sync-state"
+  install -d -o 65532 -g 65532 "$demo/catalog-sync-state"
+  kubectl apply -f - > /dev/null <<EOF
+apiVersion: v1
+kind: PersistentVolume
+metadata: {name: demo-catalog-sync-state}
+spec:
+  capacity: {storage: 16Mi}
+  accessModes: [ReadWriteOnce]
+  persistentVolumeReclaimPolicy: Retain
+  storageClassName: ""
+  claimRef: {namespace: shop, name: catalog-sync-state}
+  hostPath: {path: $PWD/$demo/catalog-sync-state, type: Directory}
+EOF
+  sed -e "s|localhost/saleslayer-workload:[^ ]*|$workload|" \
+      -e 's|^  accessModes: \[ReadWriteOnce\]$|  accessModes: [ReadWriteOnce]\n  storageClassName: ""\n  volumeName: demo-catalog-sync-state|' \
+      examples/catalog-sync-job.yaml | kubectl apply -f - > /dev/null
   nohup kubectl -n saleslayer-simulator port-forward svc/simulator 18090:8090 \
     > "$demo/simulator-forward.log" 2>&1 &
   echo $! > "$demo/simulator.pid"
@@ -106,14 +128,46 @@ up() {
     | grep -E '^saleslayer_proxy_(requests_total|grant_requests|grant_period|grant_source|lease_renewals)'
   show curl -s localhost:18090/stats
   echo
+  show kubectl -n shop get job catalog-sync
+  show kubectl -n shop logs job/catalog-sync -c sync --tail=3
+  echo
   echo
   echo "Running. Reach it with: export KUBECONFIG=$KUBECONFIG; kubectl get pods -A"
   echo "The stand-in is on localhost:18090, the operator's /metrics on localhost:18080."
   echo "Stop it with: make demo-down"
 }
 
+# `make demo-adapt`: someone outside the cluster starts using the account
+# (the stand-in's outside consumer, 15 of the 50 requests per 10 s), so the
+# paced pods get throttled; the account's effective budget drops until the
+# throttling stops, then the consumer leaves and the budget climbs back.
+adapt() {
+  running node || { echo "demo: not running (make demo starts it)" >&2; exit 1; }
+  consumer() {
+    curl -sf -X PUT -H 'Content-Type: application/json' \
+      -d "{\"key\": \"acme-prod\", \"requests\": $1}" localhost:18090/admin/consumers
+    echo
+  }
+  show kubectl get sla acme-prod
+  echo
+  echo "\$ curl -X PUT localhost:18090/admin/consumers -d '{\"key\": \"acme-prod\", \"requests\": 15}'"
+  consumer 15
+  sleep 60
+  show kubectl get sla acme-prod
+  show kubectl get events -n shop --field-selector involvedObject.kind=SalesLayerIntegration \
+    --sort-by=.lastTimestamp -o custom-columns=REASON:.reason,MESSAGE:.message
+  show curl -s localhost:18090/stats
+  echo
+  echo
+  echo "\$ curl -X PUT localhost:18090/admin/consumers -d '{\"key\": \"acme-prod\", \"requests\": 0}'"
+  consumer 0
+  sleep 60
+  show kubectl get sla acme-prod
+}
+
 case "${1:-up}" in
   up) up ;;
   down) down ;;
-  *) echo "usage: $0 up|down" >&2; exit 2 ;;
+  adapt) adapt ;;
+  *) echo "usage: $0 up|down|adapt" >&2; exit 2 ;;
 esac

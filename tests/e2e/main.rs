@@ -10,7 +10,8 @@
 //! --nocapture`): the target is `test = false`, so `cargo test` never
 //! starts a node. Each test uses its own namespace; timings are measured and
 //! printed, never asserted. Modules run in name order with one thread:
-//! `image` and `network` first, then the scenarios `s1`…`s6` of the issue.
+//! `image` and `network` first, then the scenarios `s1`…`s6` of the
+//! real-node issue and `s7`, the batch client as a Job (issue 14).
 
 mod image;
 mod network;
@@ -21,5 +22,6 @@ mod s3_share;
 mod s4_rollout;
 mod s5_failover;
 mod s6_upgrade;
+mod s7_batch_job;
 mod support;
 mod workload;

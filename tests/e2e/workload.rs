@@ -16,7 +16,7 @@ use crate::support::{
 };
 
 /// The documents of an example manifest, as JSON values.
-fn example(file: &str) -> Vec<Value> {
+pub fn example(file: &str) -> Vec<Value> {
     let text = std::fs::read_to_string(root().join("examples").join(file)).expect("the example");
     serde_saphyr::from_multiple::<Value>(&text).expect("the example is YAML")
 }
