@@ -26,7 +26,24 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let synced = Sync::new(config).and_then(|mut sync| runtime.block_on(sync.run()));
+    // SIGTERM (the pod deleted, evicted or drained) stops the run between
+    // two checkpoints; the Job's next pod resumes after the last one.
+    let synced = Sync::new(config).and_then(|mut sync| {
+        runtime.block_on(async {
+            let terminate = async {
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(mut signal) => {
+                        signal.recv().await;
+                    }
+                    Err(error) => {
+                        log::warn(&format!("cannot watch for SIGTERM: {error}"));
+                        std::future::pending::<()>().await;
+                    }
+                }
+            };
+            sync.run_until(terminate).await
+        })
+    });
     match synced {
         Ok(checkpoint) => {
             println!("catalog-sync: {} products synced", checkpoint.items);

@@ -38,6 +38,9 @@ pub enum SyncError {
     NotAPage(String),
     /// The checkpoint or output could not be read or written.
     Storage(String),
+    /// Told to stop (SIGTERM: the pod is deleted, evicted or drained) after
+    /// `pages` checkpointed pages; the next run resumes from there.
+    Stopped { pages: u64 },
 }
 
 impl std::fmt::Display for SyncError {
@@ -52,6 +55,10 @@ impl std::fmt::Display for SyncError {
             }
             Self::NotAPage(why) => write!(f, "the answer is not a page of products: {why}"),
             Self::Storage(why) => f.write_str(why),
+            Self::Stopped { pages } => write!(
+                f,
+                "told to stop; {pages} pages are checkpointed and the next run resumes after them"
+            ),
         }
     }
 }
@@ -59,11 +66,13 @@ impl std::fmt::Display for SyncError {
 impl std::error::Error for SyncError {}
 
 impl SyncError {
-    /// 3 for what a retry cannot fix, 1 for what it may.
+    /// 3 for what a retry cannot fix, 1 for what it may, 143 (128 +
+    /// SIGTERM, as a shell reports it) when told to stop.
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Refused { .. } | Self::NotAPage(_) => 3,
             Self::GaveUp { .. } | Self::Storage(_) => 1,
+            Self::Stopped { .. } => 143,
         }
     }
 }
@@ -157,6 +166,17 @@ impl Sync {
 
     /// Sync to the end; the final checkpoint.
     pub async fn run(&mut self) -> Result<Checkpoint, SyncError> {
+        self.run_until(std::future::pending()).await
+    }
+
+    /// [`Sync::run`] until `stop` completes: a page in flight then is
+    /// dropped unwritten (the checkpoint names the last written one), and
+    /// the run ends with [`SyncError::Stopped`].
+    pub async fn run_until(
+        &mut self,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<Checkpoint, SyncError> {
+        let mut stop = std::pin::pin!(stop);
         let storage = |e: crate::checkpoint::CheckpointError| SyncError::Storage(e.0);
         let mut checkpoint = Checkpoint::load(&self.config.checkpoint)
             .map_err(storage)?
@@ -180,7 +200,11 @@ impl Sync {
         let mut output = self.open_output(&checkpoint)?;
         let mut path = start_path(&checkpoint, self.config.page_size);
         loop {
-            let page = self.fetch(&path).await?;
+            let page = tokio::select! {
+                biased;
+                () = &mut stop => return Err(SyncError::Stopped { pages: checkpoint.pages }),
+                page = self.fetch(&path) => page?,
+            };
             let mut written = 0u64;
             for item in &page.value {
                 if let Some(id) = item.get("prod_id").and_then(Value::as_u64) {

@@ -98,14 +98,12 @@ fn files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_run_resumes_without_fetching_finished_pages_again() {
-    let upstream = simulator(50, ThrottleSignal::default()).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (checkpoint_file, output, metrics) = files(dir.path());
-    // No sidecar: it paces itself by its env share, 20 per second.
-    let vars = [
-        ("CATALOG_SYNC_UPSTREAM", upstream.clone()),
+/// The client without a sidecar against `upstream`, pacing itself by its
+/// env share (20 per second), its files in `dir`.
+fn self_paced(upstream: &str, dir: &Path) -> Vec<(&'static str, String)> {
+    let (checkpoint_file, output, metrics) = files(dir);
+    vec![
+        ("CATALOG_SYNC_UPSTREAM", upstream.to_owned()),
         ("SALESLAYER_RATE_REQUESTS", "20".into()),
         ("SALESLAYER_RATE_PERIOD_MS", "1000".into()),
         (
@@ -114,7 +112,37 @@ async fn a_killed_run_resumes_without_fetching_finished_pages_again() {
         ),
         ("CATALOG_SYNC_OUTPUT", output.display().to_string()),
         ("CATALOG_SYNC_METRICS_FILE", metrics.display().to_string()),
-    ];
+    ]
+}
+
+/// Run the client again to the end: it fetches exactly the pages after the
+/// `checkpointed` ones (`before` were accepted so far); the accepted count
+/// after it.
+async fn resume(upstream: &str, vars: &[(&str, String)], before: u64, checkpointed: u64) -> u64 {
+    let stdout = finish(
+        client(vars).spawn().expect("restart"),
+        Duration::from_secs(120),
+    )
+    .await;
+    assert!(
+        stdout.contains(&format!("{PRODUCTS} products synced")),
+        "{stdout}"
+    );
+    let after = stats(upstream).await.by_key[KEY].accepted;
+    assert_eq!(
+        after - before,
+        PAGES - checkpointed,
+        "the resumed run fetched exactly the pages after the checkpoint"
+    );
+    after
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_run_resumes_without_fetching_finished_pages_again() {
+    let upstream = simulator(50, ThrottleSignal::default()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (checkpoint_file, output, metrics) = files(dir.path());
+    let vars = self_paced(&upstream, dir.path());
     let mut first = client(&vars).spawn().expect("start the client");
     let deadline = Instant::now() + Duration::from_secs(60);
     while checkpoint(&checkpoint_file).is_none_or(|c| c.pages < PAGES / 2) {
@@ -136,21 +164,7 @@ async fn a_killed_run_resumes_without_fetching_finished_pages_again() {
         killed_at.pages
     );
 
-    let stdout = finish(
-        client(&vars).spawn().expect("restart"),
-        Duration::from_secs(120),
-    )
-    .await;
-    assert!(
-        stdout.contains(&format!("{PRODUCTS} products synced")),
-        "{stdout}"
-    );
-    let after = stats(&upstream).await.by_key[KEY].accepted;
-    assert_eq!(
-        after - before,
-        PAGES - killed_at.pages,
-        "the resumed run fetched exactly the pages after the checkpoint"
-    );
+    let after = resume(&upstream, &vars, before, killed_at.pages).await;
     let done = checkpoint(&checkpoint_file).expect("final checkpoint");
     assert_eq!(
         (done.done, done.items, done.pages, done.last_id),
@@ -262,4 +276,54 @@ async fn through_the_sidecar_a_throttling_upstream_still_yields_the_whole_catalo
         seen.throttled > 0,
         "the sidecar was throttled and retried: {seen:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_between_checkpoints_with_143_and_a_restart_resumes() {
+    let upstream = simulator(50, ThrottleSignal::default()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (checkpoint_file, output, _) = files(dir.path());
+    let vars = self_paced(&upstream, dir.path());
+    let first = client(&vars).spawn().expect("start the client");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while checkpoint(&checkpoint_file).is_none_or(|c| c.pages < 5) {
+        assert!(Instant::now() < deadline, "no fifth checkpoint within 60 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // As the kubelet stops a container: SIGTERM, then wait.
+    let terminated = Command::new("kill")
+        .args(["-TERM", &first.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(terminated.success());
+    let stopped = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::task::spawn_blocking(move || first.wait_with_output()),
+    )
+    .await
+    .expect("the client stopped within 10 s of SIGTERM")
+    .expect("join")
+    .expect("wait");
+    let stderr = String::from_utf8_lossy(&stopped.stderr);
+    assert_eq!(stopped.status.code(), Some(143), "{stderr}");
+    let at_stop = checkpoint(&checkpoint_file).expect("a checkpoint");
+    assert!(
+        stderr.contains(&format!("{} pages are checkpointed", at_stop.pages)),
+        "{stderr}"
+    );
+    assert!(!at_stop.done && at_stop.pages < PAGES, "{at_stop:?}");
+    // A page in flight at the signal is dropped, never half written.
+    let before = stats(&upstream).await.by_key[KEY].accepted;
+    assert!(
+        before == at_stop.pages || before == at_stop.pages + 1,
+        "{before} fetched, {} checkpointed",
+        at_stop.pages
+    );
+    let lines = std::fs::read_to_string(&output)
+        .expect("output")
+        .lines()
+        .count() as u64;
+    assert_eq!(lines, at_stop.items, "the output ends at the checkpoint");
+
+    resume(&upstream, &vars, before, at_stop.pages).await;
 }
