@@ -31,8 +31,9 @@
 //! and its upstream 200s (the sidecars' own counters) are sampled four times a
 //! period, and a figure counts once it has held for a whole period.
 //! The retry policy is the documented one scaled to the period (base period
-//! ÷ 10, max 8 × that: 100 / 800 ms at 1 s). Lease refresh (5 s) and TTL
-//! (15 s) are the operator's constants and are not scaled.
+//! ÷ 10, max 8 × that: 100 / 800 ms at 1 s). The lease refresh is the
+//! operator's own rule (half a period, between 2 and 5 s: 2 s at 1 s) and
+//! the TTL (15 s) its constant, not scaled.
 //!
 //! - (d) an outside consumer (`outside`): someone else takes 30 % of the limit
 //!   with the same key mid-run, then stops; no coordination, the static split,
@@ -137,7 +138,8 @@ impl Measured {
     }
 }
 
-/// Two lease refreshes.
+/// The first lease round, left out of the steady figures (two refreshes at
+/// the documented 10 s period).
 const WARM_UP: Duration = Duration::from_secs(10);
 
 async fn bench() -> anyhow::Result<()> {

@@ -25,6 +25,7 @@ use saleslayer_core::account::{
 };
 use saleslayer_core::adaptation::Adaptation;
 use saleslayer_core::api::{SalesLayerAccount, SalesLayerAccountStatus};
+use saleslayer_core::lease_book::{DEFAULT_REFRESH_MILLIS, refresh_for, settle_windows};
 use saleslayer_core::plan::{self, AccountPlan, show_budget};
 use saleslayer_runtime::clock::wall_millis;
 use tracing::{Instrument, info, warn};
@@ -94,11 +95,15 @@ async fn reconcile_inner(sla: Arc<SalesLayerAccount>, ctx: &Context) -> Result<A
         .ok()
         .and_then(|w| w.get(&me).copied())
         == Some(window);
+    let changed = previous.is_none_or(|previous| !same(previous, &status));
     let write = match previous {
         None => true,
         Some(previous) if significant(previous) != significant(&status) || moved => true,
-        Some(previous) => !same(previous, &status) && !written_this_window,
+        Some(_) => changed && !written_this_window,
     };
+    // Counts that moved in a window already written wait for its end, not
+    // for the resync (`kubectl get sla` showed 0 pods for minutes).
+    let deferred = changed && !write;
     if write {
         ctx.fence()?;
         patch_account_status(ctx, &sla, &status).await?;
@@ -111,7 +116,7 @@ async fn reconcile_inner(sla: Arc<SalesLayerAccount>, ctx: &Context) -> Result<A
     }
     let mut again = write_integrations(ctx, &plan).await?.unwrap_or(RESYNC);
     // Adapting: look again when the window ends, so a clean window counts.
-    if effective < account.usable.requests || throttling.windows > 0 {
+    if deferred || effective < account.usable.requests || throttling.windows > 0 {
         again = again.min(past_window_end(now_ms, account.usable.period_millis));
     }
     Ok(Action::requeue(again))
@@ -172,8 +177,10 @@ fn step(ctx: &Context, account: &ValidatedAccount, window: u64) -> (u32, Account
     let state = adaptation
         .entry(account.name.clone())
         .or_insert_with(|| Adaptation::start(account.effective.requests, usable, window));
-    state.step(&account.adaptive, usable, window, |w| {
-        throttling.throttled(&account.name, w)
+    let period = account.usable.period_millis;
+    let settle = settle_windows(period, refresh_for(period, DEFAULT_REFRESH_MILLIS));
+    state.step(&account.adaptive, usable, window, settle, |w| {
+        throttling.counts(&account.name, w)
     });
     let view = AccountThrottleView {
         windows: throttling.run(&account.name, window),

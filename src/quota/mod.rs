@@ -43,7 +43,7 @@ use saleslayer_contract::{LABEL_INTEGRATION, LABEL_JOB, LEASES_PATH, LeaseGrant,
 use saleslayer_core::account::ValidatedAccount;
 use saleslayer_core::allocation::{JobAllocation, JobKey};
 use saleslayer_core::demand;
-use saleslayer_core::lease_book::{LeaseBook, LeaseRequest};
+use saleslayer_core::lease_book::{DEFAULT_REFRESH_MILLIS, LeaseBook, LeaseRequest};
 use saleslayer_core::plan::{self, AccountPlan, ValidatedIntegration};
 use saleslayer_core::throttle;
 use saleslayer_runtime::clock::{millis, wall_millis};
@@ -60,8 +60,9 @@ use pacing::{RenewalPace, ReplanGate};
 pub const MAX_BODY: usize = 64 * 1024;
 /// How long a grant holds without renewal.
 pub const LEASE_TTL: Duration = Duration::from_secs(15);
-/// How often pods should renew.
-pub const LEASE_REFRESH: Duration = Duration::from_secs(5);
+/// How often pods should renew, at most (a grant asks for half a period
+/// when that is sooner: `lease_book::refresh_for`).
+pub const LEASE_REFRESH: Duration = Duration::from_millis(DEFAULT_REFRESH_MILLIS);
 
 /// The quota API's state, shared with the controller.
 pub struct Quota {
@@ -428,6 +429,7 @@ pub fn record(
     let account_throttled = reports.accounts.lock().is_ok_and(|mut accounts| {
         accounts.report(
             &account.name,
+            report.usage.requests,
             report.usage.throttled,
             account.window_of(now),
             now,

@@ -1,37 +1,75 @@
 //! The effective budget of an account (DESIGN.md §3a): additive increase,
 //! multiplicative decrease over the account's windows, on the throttled
-//! responses all its pods report. Pure: windows are numbers, throttling is
-//! a predicate, and the state is a value the leader keeps between calls.
+//! responses all its pods report. Pure: windows are numbers, what the pods
+//! reported per window is a function, and the state is a value the leader
+//! keeps between calls.
 //!
 //! When pods pace correctly and Sales Layer throttles anyway, someone outside
 //! the cluster uses the account; the only safe answer is to send less, then
-//! probe back up. So:
-//! - the first throttled response of a window multiplies `effective` by
-//!   `(100 − decreasePercent) / 100` at once (once per window), never below
-//!   `minPercent` of usable;
-//! - each window that ends without a throttled response adds
+//! probe back up. A window is one period of the limit; `settle` is the
+//! windows the pods need to follow a new budget (one lease refresh). So:
+//! - the first throttled response of a window lowers `effective` at once
+//!   (once per window) to what got through: `effective × (1 − f)` less one
+//!   request, where `f` is the throttled share of what the pods reported
+//!   sending over the last `settle` windows. `decreasePercent` bounds the cut
+//!   (`effective × (100 − decreasePercent) / 100` at the least), one request
+//!   is the smallest cut, and `minPercent` of usable the floor. Cutting by the
+//!   measured excess instead of always by `decreasePercent` is what lets the
+//!   account use what the outside consumer leaves (issue 13's ≥ 90 %);
+//! - the `settle` windows after a decrease are the pods still sending under
+//!   their older, larger grants: their throttling neither lowers again nor
+//!   do they raise (TCP's one decrease per round trip);
+//! - each settled window that ends without a throttled response adds
 //!   `increasePerWindow`, never above usable;
+//! - after a decrease, the level that was throttled is a ceiling: for
+//!   `holdWindows` (30) windows the clean windows climb to just below it and
+//!   hold there, then probe past it again by `increasePerWindow` a window
+//!   (so the 429s stop instead of recurring at every probe, and the full
+//!   budget is back within `holdWindows` + (usable − ceiling) windows after
+//!   the outside consumer leaves);
 //! - a window that had a decrease does not also increase.
 //!
 //! ```
-//! use saleslayer_core::adaptation::Adaptation;
+//! use saleslayer_core::adaptation::{Adaptation, WindowCounts};
 //! use saleslayer_core::api::AdaptivePolicy;
 //!
-//! let policy = AdaptivePolicy::default(); // −30 %, +1, floor 25 %
+//! let policy = AdaptivePolicy::default(); // at most −30 %, +1, floor 25 %
 //! let mut state = Adaptation::start(40, 40, 100);
-//! let throttled = |window: u64| window == 100;
-//! state.step(&policy, 40, 100, throttled);
-//! assert_eq!(state.effective(), 28); // 40 × 0.7
-//! state.step(&policy, 40, 103, throttled);
-//! assert_eq!(state.effective(), 30); // windows 101 and 102 were clean
+//! // In window 100 the pods sent 40 and 5 were throttled: 35 got through.
+//! let counts = |window: u64| match window {
+//!     100 => WindowCounts { sent: 40, throttled: 5 },
+//!     _ => WindowCounts { sent: 34, throttled: 0 },
+//! };
+//! state.step(&policy, 40, 100, 1, counts);
+//! assert_eq!(state.effective(), 34); // what got through, less one
+//! // Window 101 settles; 102 and 103 end clean: +1 up to the ceiling, 35.
+//! state.step(&policy, 40, 104, 1, counts);
+//! assert_eq!(state.effective(), 35);
 //! ```
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use crate::api::AdaptivePolicy;
 
-/// Windows of throttling kept per account: older ones count as clean.
+/// Windows of reports kept per account: older ones count as clean.
 pub const REMEMBERED_WINDOWS: usize = 64;
+
+/// What an account's pods reported for one window.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct WindowCounts {
+    /// Requests sent upstream, retries included.
+    pub sent: u64,
+    /// Of those, answers that were throttling.
+    pub throttled: u64,
+}
+
+/// A level that was throttled, and the window until which the budget stays
+/// below it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Ceiling {
+    level: u32,
+    until: u64,
+}
 
 /// One account's adaptation, as of a window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +79,9 @@ pub struct Adaptation {
     window: u64,
     /// Whether `effective` was already lowered in `window`.
     decreased: bool,
+    /// Windows before this one settle the last decrease.
+    settled_from: u64,
+    ceiling: Option<Ceiling>,
 }
 
 impl Adaptation {
@@ -51,6 +92,8 @@ impl Adaptation {
             effective: effective.min(usable),
             window,
             decreased: false,
+            settled_from: 0,
+            ceiling: None,
         }
     }
 
@@ -64,53 +107,112 @@ impl Adaptation {
         self.window
     }
 
-    /// Move to `now_window`: every window that ended since is judged by
-    /// `throttled`, and so is the current one (a decrease at once).
-    /// Returns whether `effective` changed. A `now_window` before the
-    /// state's own changes nothing (the leader's clock never goes back).
+    /// The level the budget stays below, while it holds one.
+    pub fn ceiling(&self) -> Option<u32> {
+        self.ceiling.map(|c| c.level)
+    }
+
+    /// Move to `now_window`: every window that ended since is judged by what
+    /// `counts` says the pods reported in it, and so is the current one (a
+    /// decrease at once). `settle` is the windows the pods take to follow a
+    /// new budget (at least 1). Returns whether `effective` changed. A
+    /// `now_window` before the state's own changes nothing (the leader's
+    /// clock never goes back).
     pub fn step(
         &mut self,
         policy: &AdaptivePolicy,
         usable: u32,
         now_window: u64,
-        throttled: impl Fn(u64) -> bool,
+        settle: u64,
+        counts: impl Fn(u64) -> WindowCounts,
     ) -> bool {
         let before = self.effective;
         if !policy.enabled {
             self.effective = usable;
+            self.ceiling = None;
             self.window = self.window.max(now_window);
             return before != self.effective;
         }
+        let settle = settle.max(1);
         let floor = floor_of(policy, usable);
         self.effective = self.effective.clamp(floor.min(usable), usable);
         // Windows that ended: only the last REMEMBERED_WINDOWS can have been
         // throttled; any before them were clean, and clean windows only add.
         while self.window < now_window {
-            if throttled(self.window) {
-                if !self.decreased {
-                    self.effective = decrease(policy, self.effective, floor);
+            let window = self.window;
+            if !self.decreased && window >= self.settled_from {
+                if counts(window).throttled > 0 {
+                    self.decrease(policy, floor, window, settle, &counts);
+                } else {
+                    self.increase(policy, usable, window, 1);
                 }
-            } else if !self.decreased {
-                self.effective = increase(policy, self.effective, usable);
             }
             self.decreased = false;
             let remembered = now_window.saturating_sub(REMEMBERED_WINDOWS as u64);
             if self.window + 1 < remembered {
                 // Skip a long quiet stretch in one step.
                 let clean = remembered - (self.window + 1);
-                let added = u64::from(policy.increase_per_window).saturating_mul(clean);
-                let raised = u64::from(self.effective).saturating_add(added);
-                self.effective = u32::try_from(raised.min(u64::from(usable))).unwrap_or(usable);
+                self.increase(policy, usable, self.window + 1, clean);
                 self.window = remembered;
             } else {
                 self.window += 1;
             }
         }
-        if throttled(self.window) && !self.decreased {
-            self.effective = decrease(policy, self.effective, floor);
+        if !self.decreased && self.window >= self.settled_from && counts(self.window).throttled > 0
+        {
+            let window = self.window;
+            self.decrease(policy, floor, window, settle, &counts);
             self.decreased = true;
         }
         before != self.effective
+    }
+
+    /// Lower the budget in `window` to what got through, within the
+    /// policy's bounds; remember the throttled level and settle.
+    fn decrease(
+        &mut self,
+        policy: &AdaptivePolicy,
+        floor: u32,
+        window: u64,
+        settle: u64,
+        counts: &impl Fn(u64) -> WindowCounts,
+    ) {
+        let (sent, throttled) = (window.saturating_sub(settle - 1)..=window)
+            .map(counts)
+            .fold((0u64, 0u64), |(s, t), c| {
+                (s.saturating_add(c.sent), t.saturating_add(c.throttled))
+            });
+        let sent = sent.max(throttled).max(1);
+        let level = self.effective;
+        let through = u64::from(level) * (sent - throttled) / sent;
+        let through = u32::try_from(through).unwrap_or(level);
+        let lowered = through
+            .saturating_sub(1)
+            .max(bounded_decrease(policy, level))
+            .min(level.saturating_sub(1))
+            .max(floor);
+        self.effective = lowered;
+        self.ceiling = Some(Ceiling {
+            level: through.saturating_add(1).max(lowered.saturating_add(1)),
+            until: window.saturating_add(1 + u64::from(policy.hold_windows)),
+        });
+        self.settled_from = window.saturating_add(1 + settle);
+    }
+
+    /// `clean` clean windows from `window` on: `increasePerWindow` each, up
+    /// to usable, and below the ceiling while it holds.
+    fn increase(&mut self, policy: &AdaptivePolicy, usable: u32, window: u64, clean: u64) {
+        let added = u64::from(policy.increase_per_window).saturating_mul(clean);
+        let mut cap = usable;
+        if let Some(ceiling) = self.ceiling {
+            if window.saturating_add(clean) <= ceiling.until {
+                cap = cap.min(ceiling.level.saturating_sub(1).max(self.effective));
+            } else {
+                self.ceiling = None;
+            }
+        }
+        let raised = u64::from(self.effective).saturating_add(added);
+        self.effective = u32::try_from(raised.min(u64::from(cap))).unwrap_or(cap);
     }
 }
 
@@ -123,58 +225,70 @@ pub fn floor_of(policy: &AdaptivePolicy, usable: u32) -> u32 {
         .min(usable.max(1))
 }
 
-fn decrease(policy: &AdaptivePolicy, effective: u32, floor: u32) -> u32 {
+/// The lowest a single decrease goes: `decreasePercent` off `effective`.
+fn bounded_decrease(policy: &AdaptivePolicy, effective: u32) -> u32 {
     let kept = 100 - u64::from(policy.decrease_percent.min(100));
     let lowered = u64::from(effective) * kept / 100;
-    u32::try_from(lowered).unwrap_or(effective).max(floor)
+    u32::try_from(lowered).unwrap_or(effective)
 }
 
-fn increase(policy: &AdaptivePolicy, effective: u32, usable: u32) -> u32 {
-    effective
-        .saturating_add(policy.increase_per_window)
-        .min(usable)
-}
-
-/// The windows in which each account's pods reported throttled responses,
-/// the last [`REMEMBERED_WINDOWS`] of each. Pure: the quota API records,
-/// the account's reconcile reads.
+/// What each account's pods reported per window, the last
+/// [`REMEMBERED_WINDOWS`] windows of each. Pure: the quota API records, the
+/// account's reconcile reads.
 #[derive(Debug, Default, Clone)]
 pub struct AccountThrottling {
-    windows: BTreeMap<String, BTreeSet<u64>>,
+    windows: BTreeMap<String, BTreeMap<u64, WindowCounts>>,
     last_throttled_millis: BTreeMap<String, u64>,
 }
 
 impl AccountThrottling {
-    /// Count `throttled` responses on `account` at `now_millis` in `window`;
-    /// true when this made the window throttled (its first such report).
-    pub fn report(&mut self, account: &str, throttled: u64, window: u64, now_millis: u64) -> bool {
-        if throttled == 0 {
+    /// Count a report of `sent` requests, `throttled` of them throttled, on
+    /// `account` at `now_millis` in `window`; true when this made the window
+    /// throttled (its first such report).
+    pub fn report(
+        &mut self,
+        account: &str,
+        sent: u64,
+        throttled: u64,
+        window: u64,
+        now_millis: u64,
+    ) -> bool {
+        if sent == 0 && throttled == 0 {
             return false;
         }
-        self.last_throttled_millis
-            .insert(account.to_owned(), now_millis);
+        if throttled > 0 {
+            self.last_throttled_millis
+                .insert(account.to_owned(), now_millis);
+        }
         let windows = self.windows.entry(account.to_owned()).or_default();
-        let first = windows.insert(window);
+        let counts = windows.entry(window).or_default();
+        let first = counts.throttled == 0 && throttled > 0;
+        counts.sent = counts.sent.saturating_add(sent);
+        counts.throttled = counts.throttled.saturating_add(throttled);
         while windows.len() > REMEMBERED_WINDOWS {
             windows.pop_first();
         }
         first
     }
 
-    /// Whether `account` had throttled responses in `window`.
-    pub fn throttled(&self, account: &str, window: u64) -> bool {
+    /// What `account`'s pods reported in `window`.
+    pub fn counts(&self, account: &str, window: u64) -> WindowCounts {
         self.windows
             .get(account)
-            .is_some_and(|windows| windows.contains(&window))
+            .and_then(|windows| windows.get(&window))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Whether `account` had throttled responses in `window`.
+    pub fn throttled(&self, account: &str, window: u64) -> bool {
+        self.counts(account, window).throttled > 0
     }
 
     /// Consecutive throttled windows ending at `window` (or the one before
     /// it, when `window` has none yet).
     pub fn run(&self, account: &str, window: u64) -> u32 {
-        let Some(windows) = self.windows.get(account) else {
-            return 0;
-        };
-        let mut at = if windows.contains(&window) {
+        let mut at = if self.throttled(account, window) {
             window
         } else {
             match window.checked_sub(1) {
@@ -183,7 +297,7 @@ impl AccountThrottling {
             }
         };
         let mut run = 0u32;
-        while windows.contains(&at) {
+        while self.throttled(account, at) {
             run = run.saturating_add(1);
             match at.checked_sub(1) {
                 Some(previous) => at = previous,
@@ -201,6 +315,8 @@ impl AccountThrottling {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use proptest::prelude::*;
 
     use super::*;
@@ -209,31 +325,102 @@ mod tests {
         AdaptivePolicy::default()
     }
 
+    /// `sent` a window, `throttled` of them in the windows of `throttled_in`.
+    fn reports(sent: u64, throttled: u64, throttled_in: &[u64]) -> impl Fn(u64) -> WindowCounts {
+        let throttled_in = throttled_in.to_vec();
+        move |w| WindowCounts {
+            sent,
+            throttled: if throttled_in.contains(&w) {
+                throttled
+            } else {
+                0
+            },
+        }
+    }
+
     #[test]
-    fn a_throttled_window_lowers_once_and_clean_windows_raise_by_one() {
+    fn a_throttled_window_lowers_once_to_what_got_through() {
         let mut state = Adaptation::start(40, 40, 0);
-        let throttled = |w: u64| w == 0;
-        assert!(state.step(&policy(), 40, 0, throttled));
-        assert_eq!(state.effective(), 28);
+        let counts = reports(40, 5, &[0]);
+        assert!(state.step(&policy(), 40, 0, 1, &counts));
+        assert_eq!(state.effective(), 34, "35 of 40 got through, less one");
+        assert_eq!(state.ceiling(), Some(36));
         // More throttled reports in the same window: no second decrease.
-        assert!(!state.step(&policy(), 40, 0, throttled));
+        assert!(!state.step(&policy(), 40, 0, 1, &counts));
+        assert_eq!(state.effective(), 34);
+    }
+
+    #[test]
+    fn decrease_percent_bounds_the_cut_and_one_request_is_the_least() {
+        // Half throttled: the cut stops at −30 %.
+        let mut state = Adaptation::start(40, 40, 0);
+        state.step(&policy(), 40, 0, 1, reports(40, 20, &[0]));
         assert_eq!(state.effective(), 28);
-        // Window 0 ends (already lowered), window 1 is current: nothing yet.
-        assert!(!state.step(&policy(), 40, 1, throttled));
-        // Windows 1..=4 end clean: +1 each.
-        state.step(&policy(), 40, 5, throttled);
-        assert_eq!(state.effective(), 32);
+        // One of a thousand: 39 (of 39.96) got through, less one.
+        let mut state = Adaptation::start(40, 40, 0);
+        state.step(&policy(), 40, 0, 1, reports(1_000, 1, &[0]));
+        assert_eq!(state.effective(), 38);
+        // At the floor it stays there.
+        let mut state = Adaptation::start(10, 40, 0);
+        state.step(&policy(), 40, 0, 1, reports(10, 1, &[0]));
+        assert_eq!(state.effective(), 10);
+        // Throttled answers with nothing reported sent count as all throttled.
+        let mut state = Adaptation::start(40, 40, 0);
+        state.step(&policy(), 40, 0, 1, reports(0, 3, &[0]));
+        assert_eq!(state.effective(), 28);
+    }
+
+    #[test]
+    fn settling_windows_neither_lower_again_nor_raise() {
+        let mut state = Adaptation::start(40, 40, 0);
+        // Throttled in windows 0..=3; the pods need 3 windows to follow.
+        let counts = reports(40, 5, &[0, 1, 2, 3]);
+        state.step(&policy(), 40, 0, 3, &counts);
+        assert_eq!(state.effective(), 34);
+        state.step(&policy(), 40, 3, 3, &counts);
+        assert_eq!(state.effective(), 34, "windows 1..=3 settle the decrease");
+        // Throttled again in window 4, once settled: 4 windows of 40 sent, 5 throttled.
+        let counts = reports(40, 5, &[4]);
+        state.step(&policy(), 40, 4, 3, &counts);
+        assert_eq!(
+            state.effective(),
+            31,
+            "5 of the 120 sent in windows 2..=4 throttled: 34 × 115/120 = 32, less one"
+        );
+    }
+
+    #[test]
+    fn clean_windows_climb_below_the_ceiling_hold_then_probe() {
+        let mut state = Adaptation::start(40, 40, 0);
+        let counts = reports(40, 5, &[0]);
+        state.step(&policy(), 40, 0, 1, &counts);
+        assert_eq!((state.effective(), state.ceiling()), (34, Some(36)));
+        // Window 1 settles, 2 and on are clean: +1 to 35, and it holds there.
+        state.step(&policy(), 40, 10, 1, &counts);
+        assert_eq!(state.effective(), 35);
+        let hold = u64::from(policy().hold_windows);
+        state.step(&policy(), 40, hold, 1, &counts);
+        assert_eq!(state.effective(), 35, "held below the ceiling");
+        // After the hold: +1 a window, past the old ceiling, up to usable.
+        state.step(&policy(), 40, hold + 3, 1, &counts);
+        assert_eq!(state.effective(), 37);
+        assert_eq!(state.ceiling(), None);
+        state.step(&policy(), 40, hold + 20, 1, &counts);
+        assert_eq!(state.effective(), 40);
     }
 
     #[test]
     fn never_below_the_floor_nor_above_usable() {
         let mut state = Adaptation::start(40, 40, 0);
-        for window in 0..20 {
-            state.step(&policy(), 40, window, |_| true);
+        for window in 0..40 {
+            state.step(&policy(), 40, window, 1, |_| WindowCounts {
+                sent: 10,
+                throttled: 10,
+            });
         }
         assert_eq!(state.effective(), floor_of(&policy(), 40));
         assert_eq!(state.effective(), 10);
-        state.step(&policy(), 40, 1_000, |_| false);
+        state.step(&policy(), 40, 1_000, 1, |_| WindowCounts::default());
         assert_eq!(
             state.effective(),
             40,
@@ -248,7 +435,7 @@ mod tests {
             ..policy()
         };
         let mut state = Adaptation::start(12, 40, 0);
-        state.step(&off, 40, 0, |_| true);
+        state.step(&off, 40, 0, 1, reports(40, 40, &[0]));
         assert_eq!(state.effective(), 40);
     }
 
@@ -270,23 +457,30 @@ mod tests {
     #[test]
     fn account_throttling_counts_runs_of_windows() {
         let mut book = AccountThrottling::default();
-        assert!(book.report("acme", 2, 10, 100_000));
+        assert!(book.report("acme", 10, 2, 10, 100_000));
         assert!(
-            !book.report("acme", 1, 10, 100_500),
+            !book.report("acme", 5, 1, 10, 100_500),
             "the window was already throttled"
         );
+        assert_eq!(
+            book.counts("acme", 10),
+            WindowCounts {
+                sent: 15,
+                throttled: 3
+            }
+        );
         assert!(
-            !book.report("acme", 0, 11, 110_000),
+            !book.report("acme", 8, 0, 11, 110_000),
             "a clean report marks nothing"
         );
-        assert!(book.report("acme", 1, 11, 111_000));
+        assert!(book.report("acme", 0, 1, 11, 111_000));
         assert_eq!(book.run("acme", 11), 2);
         assert_eq!(book.run("acme", 12), 2, "the current window has none yet");
         assert_eq!(book.run("acme", 13), 0);
         assert_eq!(book.run("other", 11), 0);
         assert_eq!(book.last_throttled_millis("acme"), Some(111_000));
         for window in 100..300 {
-            book.report("acme", 1, window, 0);
+            book.report("acme", 1, 1, window, 0);
         }
         assert!(!book.throttled("acme", 100), "old windows are forgotten");
         assert!(book.throttled("acme", 299));
@@ -302,28 +496,43 @@ mod tests {
             decrease in 1u32..=90,
             increase in 0u32..50,
             min_percent in 1u32..=100,
-            steps in proptest::collection::vec((0u64..4, any::<bool>()), 1..60),
+            settle in 1u64..6,
+            hold in 0u32..40,
+            steps in proptest::collection::vec((0u64..4, any::<bool>(), 0u64..100, 0u64..100), 1..60),
         ) {
             let policy = AdaptivePolicy {
                 enabled: true,
                 decrease_percent: decrease,
                 increase_per_window: increase,
                 min_percent,
+                hold_windows: hold,
             };
             let floor = floor_of(&policy, usable);
             let mut state = Adaptation::start(start, usable, 0);
+            let mut windows: BTreeMap<u64, WindowCounts> = BTreeMap::new();
             let mut throttled_windows = BTreeSet::new();
             let mut now = 0u64;
-            for (advance, throttled_now) in steps {
+            for (advance, throttled_now, sent, throttled) in steps {
                 now += advance;
                 if throttled_now {
                     throttled_windows.insert(now);
+                    windows.insert(now, WindowCounts { sent, throttled: throttled.max(1) });
                 }
                 let before = state.effective();
                 let window_before = state.window();
-                state.step(&policy, usable, now, |w| throttled_windows.contains(&w));
+                state.step(&policy, usable, now, settle, |w| {
+                    windows.get(&w).copied().unwrap_or_default()
+                });
                 prop_assert!(state.effective() <= usable);
                 prop_assert!(state.effective() >= floor.min(usable));
+                if let Some(ceiling) = state.ceiling() {
+                    prop_assert!(
+                        state.effective() < ceiling || state.effective() == floor.min(usable),
+                        "{} at or above the ceiling {}",
+                        state.effective(),
+                        ceiling
+                    );
+                }
                 let all_throttled =
                     (window_before..=now).all(|w| throttled_windows.contains(&w));
                 if all_throttled && before >= floor {

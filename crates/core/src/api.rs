@@ -182,11 +182,15 @@ pub struct AdaptivePolicy {
     /// Adapt at all (default true); off, effective is always usable.
     #[serde(default = "default_true")]
     pub enabled: bool,
-    /// A window with throttled responses: effective *= (100 - decreasePercent) / 100.
+    /// The most a window with throttled responses cuts: effective goes to what
+    /// got through less one request, but never below effective * (100 -
+    /// decreasePercent) / 100.
     #[serde(default = "default_decrease")]
     #[schemars(range(min = 1, max = 90))]
     pub decrease_percent: u32,
-    /// A clean window: effective += increasePerWindow, up to usable.
+    /// A clean window: effective += increasePerWindow, up to usable (for
+    /// holdWindows after a decrease, up to just below the level that was
+    /// throttled).
     #[serde(default = "default_increase")]
     #[schemars(range(min = 0, max = 1_000_000))]
     pub increase_per_window: u32,
@@ -194,6 +198,11 @@ pub struct AdaptivePolicy {
     #[serde(default = "default_min_percent")]
     #[schemars(range(min = 1, max = 100))]
     pub min_percent: u32,
+    /// Windows after a decrease during which clean windows climb no higher
+    /// than just below the level that was throttled; then they probe past it.
+    #[serde(default = "default_hold_windows")]
+    #[schemars(range(min = 0, max = 10_000))]
+    pub hold_windows: u32,
 }
 
 impl Default for AdaptivePolicy {
@@ -203,6 +212,7 @@ impl Default for AdaptivePolicy {
             decrease_percent: default_decrease(),
             increase_per_window: default_increase(),
             min_percent: default_min_percent(),
+            hold_windows: default_hold_windows(),
         }
     }
 }
@@ -465,6 +475,9 @@ fn default_increase() -> u32 {
 }
 fn default_min_percent() -> u32 {
     25
+}
+fn default_hold_windows() -> u32 {
+    30
 }
 fn default_throttle_statuses() -> Vec<u16> {
     vec![429]
