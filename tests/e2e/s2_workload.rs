@@ -86,8 +86,8 @@ async fn s2_example_workloads_run_with_their_sidecars_and_get_no_429() {
     for (pod, figure) in &figures {
         assert_eq!(figure.throttled, 0.0, "{pod}'s sidecar saw no throttling");
         println!(
-            "s2: {pod}: lease {} requests / {} ms, {} answers 200, {} lease renewals",
-            figure.grant_requests, figure.grant_period_ms, figure.ok, figure.renewals_ok
+            "s2: {pod}: lease {} requests / {} s, {} answers 200, {} lease renewals",
+            figure.grant_requests, figure.grant_period_seconds, figure.ok, figure.renewals_ok
         );
     }
     let rate = (accepted - accepted_before) as f64 / seconds * 10.0;

@@ -179,7 +179,7 @@ pub struct Sidecar {
     pub throttled: f64,
     pub renewals_ok: f64,
     pub grant_requests: f64,
-    pub grant_period_ms: f64,
+    pub grant_period_seconds: f64,
     pub on_lease: bool,
 }
 
@@ -195,7 +195,7 @@ pub async fn sidecar(client: &Client, namespace: &str, pod: &str) -> Option<Side
             &[("outcome", "ok")],
         ),
         grant_requests: metric(&text, "saleslayer_proxy_grant_requests", &[]),
-        grant_period_ms: metric(&text, "saleslayer_proxy_grant_period_milliseconds", &[]),
+        grant_period_seconds: metric(&text, "saleslayer_proxy_grant_period_seconds", &[]),
         on_lease: metric(
             &text,
             "saleslayer_proxy_grant_source",
