@@ -42,9 +42,10 @@
 //! };
 //! state.step(&policy, 40, 100, 1, counts);
 //! assert_eq!(state.effective(), 34); // what got through, less one
-//! // Window 101 settles; 102 and 103 end clean: +1 up to the ceiling, 35.
+//! // Window 101 settles; 102 and 103 end clean, but 35 is the limit's edge:
+//! // the budget holds one below it.
 //! state.step(&policy, 40, 104, 1, counts);
-//! assert_eq!(state.effective(), 35);
+//! assert_eq!(state.effective(), 34);
 //! ```
 
 use std::collections::BTreeMap;
@@ -192,8 +193,9 @@ impl Adaptation {
             .min(level.saturating_sub(1))
             .max(floor);
         self.effective = lowered;
+        // What got through is the limit's edge: the hold stays one below it.
         self.ceiling = Some(Ceiling {
-            level: through.saturating_add(1).max(lowered.saturating_add(1)),
+            level: through.max(lowered.saturating_add(1)),
             until: window.saturating_add(1 + u64::from(policy.hold_windows)),
         });
         self.settled_from = window.saturating_add(1 + settle);
@@ -344,7 +346,7 @@ mod tests {
         let counts = reports(40, 5, &[0]);
         assert!(state.step(&policy(), 40, 0, 1, &counts));
         assert_eq!(state.effective(), 34, "35 of 40 got through, less one");
-        assert_eq!(state.ceiling(), Some(36));
+        assert_eq!(state.ceiling(), Some(35));
         // More throttled reports in the same window: no second decrease.
         assert!(!state.step(&policy(), 40, 0, 1, &counts));
         assert_eq!(state.effective(), 34);
@@ -394,16 +396,17 @@ mod tests {
         let mut state = Adaptation::start(40, 40, 0);
         let counts = reports(40, 5, &[0]);
         state.step(&policy(), 40, 0, 1, &counts);
-        assert_eq!((state.effective(), state.ceiling()), (34, Some(36)));
-        // Window 1 settles, 2 and on are clean: +1 to 35, and it holds there.
+        assert_eq!((state.effective(), state.ceiling()), (34, Some(35)));
+        // Window 1 settles, 2 and on are clean, held one below the 35 that
+        // got through.
         state.step(&policy(), 40, 10, 1, &counts);
-        assert_eq!(state.effective(), 35);
+        assert_eq!(state.effective(), 34);
         let hold = u64::from(policy().hold_windows);
         state.step(&policy(), 40, hold, 1, &counts);
-        assert_eq!(state.effective(), 35, "held below the ceiling");
+        assert_eq!(state.effective(), 34, "held below the ceiling");
         // After the hold: +1 a window, past the old ceiling, up to usable.
         state.step(&policy(), 40, hold + 3, 1, &counts);
-        assert_eq!(state.effective(), 37);
+        assert_eq!(state.effective(), 36);
         assert_eq!(state.ceiling(), None);
         state.step(&policy(), 40, hold + 20, 1, &counts);
         assert_eq!(state.effective(), 40);
