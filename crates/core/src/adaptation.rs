@@ -141,7 +141,7 @@ impl Adaptation {
         // throttled; any before them were clean, and clean windows only add.
         while self.window < now_window {
             let window = self.window;
-            if !self.decreased && window >= self.settled_from {
+            if self.judges(window) {
                 if counts(window).throttled > 0 {
                     self.decrease(policy, floor, window, settle, &counts);
                 } else {
@@ -159,13 +159,18 @@ impl Adaptation {
                 self.window += 1;
             }
         }
-        if !self.decreased && self.window >= self.settled_from && counts(self.window).throttled > 0
-        {
-            let window = self.window;
+        let window = self.window;
+        if self.judges(window) && counts(window).throttled > 0 {
             self.decrease(policy, floor, window, settle, &counts);
             self.decreased = true;
         }
         before != self.effective
+    }
+
+    /// Whether what the pods reported in `window` may move the budget: not
+    /// once it was lowered in that window, nor while a decrease settles.
+    fn judges(&self, window: u64) -> bool {
+        !self.decreased && window >= self.settled_from
     }
 
     /// Lower the budget in `window` to what got through, within the
