@@ -294,16 +294,31 @@ async fn persistent_throttling_fires_and_resolves() {
         }
     })
     .await;
-    let table = env.kubectl(&[
-        "-n",
-        "shop",
-        "get",
-        "sli",
-        "catalog",
-        "-o",
-        "jsonpath={.status.summary.throttling}",
-    ]);
-    assert_eq!(table, "price-sync");
+    // kubectl shows it too. Reports go on meanwhile: a window without
+    // throttled reports would end the run before a slow kubectl reads it.
+    eventually("kubectl shows the throttled job", || async {
+        let (status, body) = quota
+            .post(Some(&token), report("price-0", "price-sync", 3))
+            .await;
+        if status != 200 {
+            return Err(format!("report refused: {status} {body}"));
+        }
+        let table = env.kubectl(&[
+            "-n",
+            "shop",
+            "get",
+            "sli",
+            "catalog",
+            "-o",
+            "jsonpath={.status.summary.throttling}",
+        ]);
+        if table == "price-sync" {
+            Ok(())
+        } else {
+            Err(format!("summary.throttling is {table:?}"))
+        }
+    })
+    .await;
 
     // Clean reports: one clean window resolves it.
     eventually("PersistentThrottling=False", || async {
