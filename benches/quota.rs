@@ -45,7 +45,6 @@ fn resident_kib() -> u64 {
 
 fn stores() -> (Stores, Vec<(Identity, Vec<u8>)>) {
     let (integrations, mut sli_writer) = reflector::store::<SalesLayerIntegration>();
-    let (pods, mut pod_writer) = reflector::store::<PartialObjectMeta<Pod>>();
     let mut calls = Vec::new();
     let mut index = PodIndex::default();
     for i in 0..INTEGRATIONS {
@@ -79,7 +78,6 @@ fn stores() -> (Stores, Vec<(Identity, Vec<u8>)>) {
                 };
                 let event = watcher::Event::Apply(meta);
                 index.apply(&event);
-                pod_writer.apply_watcher_event(&event);
                 let body = json!({"namespace": namespace, "integration": name, "job": format!("job-{j}"),
                     "pod": pod, "usage": {"requests": 10, "byStatus": {"200": 9, "429": 1},
                     "throttled": 1, "retries": 1, "peakConcurrency": 2, "queued": 3}});
@@ -108,7 +106,6 @@ fn stores() -> (Stores, Vec<(Identity, Vec<u8>)>) {
         accounts,
         integrations,
         namespaces,
-        pods,
         index: Arc::new(RwLock::new(index)),
         reports: Default::default(),
         synced: Arc::new(saleslayer_operator::state::Synced {

@@ -5,8 +5,7 @@
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Patch, PatchParams};
-use kube::runtime::reflector::ObjectRef;
+use kube::api::{ObjectMeta, PartialObjectMetaExt, Patch, PatchParams};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
@@ -36,17 +35,10 @@ pub(super) fn pod_writes(
         };
         let wanted = limit.to_json();
         for name in index.pods_of(&key) {
-            let current = stores
-                .pods
-                .get(&ObjectRef::new(name).within(&key.namespace))
-                .and_then(|pod| {
-                    pod.metadata
-                        .annotations
-                        .as_ref()?
-                        .get(ANNOTATION_LIMIT)
-                        .cloned()
-                });
-            if current.as_ref() != Some(&wanted) {
+            let current = index
+                .pod(&key.namespace, name)
+                .and_then(|pod| pod.limit.as_ref());
+            if current != Some(&wanted) {
                 writes.push((name.clone(), wanted.clone()));
             }
         }
@@ -71,12 +63,15 @@ pub(super) async fn annotate_pods(
     futures::stream::iter(writes)
         .map(|(name, wanted)| async move {
             ctx.fence()?;
-            let patch = json!({
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": { "name": name, "annotations": { ANNOTATION_LIMIT: wanted } },
-            });
-            pods.patch(
+            let patch = ObjectMeta {
+                name: Some(name.clone()),
+                annotations: Some([(ANNOTATION_LIMIT.to_string(), wanted)].into()),
+                ..ObjectMeta::default()
+            }
+            .into_request_partial::<Pod>();
+            // The metadata form: the API server answers with the pod's
+            // metadata only, not its whole spec and status.
+            pods.patch_metadata(
                 &name,
                 &PatchParams::apply(FIELD_MANAGER).force(),
                 &Patch::Apply(&patch),

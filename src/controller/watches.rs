@@ -22,9 +22,7 @@ use kube::api::PartialObjectMeta;
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
-use saleslayer_contract::{
-    ANNOTATION_LIMIT, CA_CONFIGMAP, CA_CONFIGMAP_KEY, LABEL_INTEGRATION, LABEL_JOB,
-};
+use saleslayer_contract::{CA_CONFIGMAP, CA_CONFIGMAP_KEY, LABEL_INTEGRATION};
 use saleslayer_core::allocation::JobKey;
 use saleslayer_core::api::{SalesLayerAccount, SalesLayerIntegration};
 use tracing::warn;
@@ -61,12 +59,10 @@ pub(super) fn watch(
     let (sla_reader, sla_writer) = reflector::store();
     let (sli_reader, sli_writer) = reflector::store();
     let (ns_reader, ns_writer) = reflector::store();
-    let (pod_reader, pod_writer) = reflector::store();
     let stores = Stores {
         accounts: sla_reader,
         integrations: sli_reader,
         namespaces: ns_reader,
-        pods: pod_reader,
         index: Arc::new(std::sync::RwLock::new(PodIndex::default())),
         reports,
         synced: Arc::default(),
@@ -180,44 +176,29 @@ pub(super) fn watch(
         let pod_config = watcher::Config::default()
             .labels(LABEL_INTEGRATION)
             .fields(LIVE_POD_FIELDS);
-        // Keep only what planning needs of each pod: managedFields and other
-        // annotations (last-applied configurations, for one) would be most of
-        // the memory at 10 000 pods.
-        let slim = watcher(
+        // Only the pod index keeps anything of each pod (its UID, job and
+        // limit annotation): no store of their metadata, which would be
+        // most of the memory at 10 000 pods.
+        watcher(
             Api::<PartialObjectMeta<Pod>>::all(client.clone()),
             pod_config,
         )
-        .modify(|pod: &mut PartialObjectMeta<Pod>| {
-            let meta = &mut pod.metadata;
-            meta.managed_fields = None;
-            meta.owner_references = None;
-            meta.finalizers = None;
-            meta.generate_name = None;
-            meta.creation_timestamp = None;
-            if let Some(annotations) = meta.annotations.as_mut() {
-                annotations.retain(|key, _| key == ANNOTATION_LIMIT);
-            }
-            if let Some(labels) = meta.labels.as_mut() {
-                labels.retain(|key, _| key == LABEL_INTEGRATION || key == LABEL_JOB);
-            }
-        });
-        reflector::reflector(pod_writer, slim)
-            .default_backoff()
-            .inspect(move |event| {
-                let Ok(event) = event else { return };
-                let changed = stores
-                    .index
-                    .write()
-                    .map(|mut index| index.apply(event))
-                    .unwrap_or_default();
-                let accounts: BTreeSet<String> = changed
-                    .iter()
-                    .filter_map(|job| stores.account_name_of(&job.namespace, &job.integration))
-                    .collect();
-                queue_accounts(&stores, &queues, accounts);
-            })
-            .touched_objects()
-            .boxed()
+        .default_backoff()
+        .inspect(move |event| {
+            let Ok(event) = event else { return };
+            let changed = stores
+                .index
+                .write()
+                .map(|mut index| index.apply(event))
+                .unwrap_or_default();
+            let accounts: BTreeSet<String> = changed
+                .iter()
+                .filter_map(|job| stores.account_name_of(&job.namespace, &job.integration))
+                .collect();
+            queue_accounts(&stores, &queues, accounts);
+        })
+        .touched_objects()
+        .boxed()
     };
 
     let ca_maps = {

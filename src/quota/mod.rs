@@ -39,7 +39,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use kube::runtime::reflector::ObjectRef;
-use saleslayer_contract::{LABEL_INTEGRATION, LABEL_JOB, LEASES_PATH, LeaseGrant, LeaseReport};
+use saleslayer_contract::{LEASES_PATH, LeaseGrant, LeaseReport};
 use saleslayer_core::account::ValidatedAccount;
 use saleslayer_core::allocation::{JobAllocation, JobKey};
 use saleslayer_core::demand;
@@ -333,13 +333,16 @@ pub fn authorize(
             registered: registered.join(", "),
         });
     }
-    let pod_ref = ObjectRef::new(&report.pod).within(&report.namespace);
-    let pod = stores.pods.get(&pod_ref);
+    let pod = stores
+        .index
+        .read()
+        .ok()
+        .and_then(|index| index.pod(&report.namespace, &report.pod).cloned());
     // A token outlives its pod: bound to the pod's UID, it speaks only for
     // that pod, not for one recreated under the same name.
     if let (Some(token_uid), Some(live_uid)) = (
         identity.uid.as_deref(),
-        pod.as_ref().and_then(|p| p.metadata.uid.as_deref()),
+        pod.as_ref().and_then(|p| p.uid.as_deref()),
     ) && token_uid != live_uid
     {
         return Err(QuotaError::PodGone {
@@ -348,11 +351,10 @@ pub fn authorize(
             token_uid: token_uid.to_owned(),
         });
     }
-    let labels = pod
-        .and_then(|pod| pod.metadata.labels.clone())
-        .unwrap_or_default();
-    let carries = |key: &str, value: &str| labels.get(key).is_some_and(|v| v == value);
-    if !(carries(LABEL_INTEGRATION, &report.integration) && carries(LABEL_JOB, &report.job)) {
+    let in_job = pod
+        .and_then(|pod| pod.job)
+        .is_some_and(|job| job.integration == report.integration && job.job == report.job);
+    if !in_job {
         return Err(QuotaError::PodNotInJob {
             namespace: report.namespace.clone(),
             pod: report.pod.clone(),

@@ -1,5 +1,5 @@
 //! The operator's shared view of the cluster and of what pods report: the
-//! integration and pod stores the watches fill, the per-job pod index, and
+//! account, integration and namespace stores the watches fill, the pod index, and
 //! one [`Reports`] handle for the demand and throttle books the quota API
 //! fills. Below every part that reads it (controller, webhook, quota API),
 //! above the pure core it plans with.
@@ -25,7 +25,7 @@ use saleslayer_core::demand::DemandBook;
 use saleslayer_core::plan::{self, AccountPlan, PodCounts, ValidatedIntegration};
 use saleslayer_core::throttle::ThrottleBook;
 
-pub use pod_index::PodIndex;
+pub use pod_index::{PodIndex, WatchedPod};
 
 /// Server-side filter for live pods: terminal phases never count.
 pub const LIVE_POD_FIELDS: &str = "status.phase!=Succeeded,status.phase!=Failed";
@@ -79,8 +79,7 @@ pub struct Stores {
     pub accounts: Store<SalesLayerAccount>,
     pub integrations: Store<SalesLayerIntegration>,
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
-    pub pods: Store<PartialObjectMeta<Pod>>,
-    /// Live pods per job, from the same watch as `pods`.
+    /// The watched pods (what is read of each) and the live pods per job.
     pub index: Arc<RwLock<PodIndex>>,
     /// What pods reported through the quota API.
     pub reports: Reports,
@@ -359,13 +358,11 @@ pub mod testing {
         for sli in integrations {
             sli_writer.apply_watcher_event(&watcher::Event::Apply(sli));
         }
-        let (pod_reader, mut pod_writer) = reflector::store();
         let mut index = PodIndex::default();
         let mut events = vec![watcher::Event::Init];
         events.extend(pods.into_iter().map(watcher::Event::InitApply));
         events.push(watcher::Event::InitDone);
         for event in &events {
-            pod_writer.apply_watcher_event(event);
             index.apply(event);
         }
         let synced = Synced::default();
@@ -376,7 +373,6 @@ pub mod testing {
             accounts: sla_reader,
             integrations: sli_reader,
             namespaces: ns_reader,
-            pods: pod_reader,
             index: Arc::new(RwLock::new(index)),
             reports: Reports::default(),
             synced: Arc::new(synced),
