@@ -1199,7 +1199,7 @@ impl Report {
             mib(self.initial_rss.current)
         );
         println!(
-            "| pod metadata the operator caches, as JSON (of which managedFields) | {} ({}) |",
+            "| the pods' metadata as the operator's watch lists it, as JSON (of which managedFields; it keeps only each pod's UID, job and limit) | {} ({}) |",
             mib(self.footprint.0 as u64),
             mib(self.footprint.1 as u64)
         );

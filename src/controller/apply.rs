@@ -62,6 +62,12 @@ pub(super) async fn annotate_pods(
     let pods = &pods;
     futures::stream::iter(writes)
         .map(|(name, wanted)| async move {
+            // Closed only on shutdown, when nothing more is written anyway.
+            let _permit = ctx
+                .pod_writes
+                .acquire()
+                .await
+                .map_err(|_| Error::NotLeader)?;
             ctx.fence()?;
             let patch = ObjectMeta {
                 name: Some(name.clone()),

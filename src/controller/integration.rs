@@ -27,7 +27,7 @@ use saleslayer_runtime::clock::wall_millis;
 use tracing::{Instrument, info, warn};
 
 use super::apply::{annotate_pods, patch_status, publish_ca};
-use super::{Context, Error, RESYNC, events, on_failure, past_window_end};
+use super::{Context, Error, RESYNC, events, on_failure, past_window_end, watches};
 use crate::metrics::JobLabels;
 
 pub(super) async fn reconcile(
@@ -36,6 +36,13 @@ pub(super) async fn reconcile(
 ) -> Result<Action, Error> {
     // A follower writes nothing; it is queued again when it becomes leader.
     if !ctx.leadership.is_leader() {
+        return Ok(Action::await_change());
+    }
+    // Queued before its account was known (the integrations' watch listed
+    // first): the account's reconcile writes it with its siblings, and
+    // writing it here too would apply the same pods twice.
+    if let watches::Route::Account(account) = watches::route(&ctx.stores, &sli) {
+        let _ = ctx.accounts.send(account);
         return Ok(Action::await_change());
     }
     // Planning with a half-listed pod store would write 0-pod statuses.

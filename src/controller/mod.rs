@@ -131,6 +131,11 @@ struct Context {
     account_windows: Mutex<HashMap<ObjectRef<SalesLayerAccount>, u64>>,
     /// Whether this replica may write.
     leadership: Leadership,
+    /// Accounts to reconcile: where an integration reconcile hands over once
+    /// its account is known.
+    accounts: mpsc::UnboundedSender<ObjectRef<SalesLayerAccount>>,
+    /// Pod annotation writes in flight, over every reconcile at once.
+    pod_writes: tokio::sync::Semaphore,
 }
 
 impl Context {
@@ -157,6 +162,12 @@ pub struct QueueReceivers {
     pub integrations: mpsc::UnboundedReceiver<ObjectRef<SalesLayerIntegration>>,
     pub accounts: mpsc::UnboundedReceiver<ObjectRef<SalesLayerAccount>>,
 }
+
+/// Pod annotation writes in flight at once, over all reconciles. At start
+/// every account's reconcile writes its pods together; unbounded, 40
+/// accounts × 16 writes flooded a 2-core API server, whose queueing slowed
+/// every write (and the status applies behind them) more than it helped.
+const POD_WRITES_IN_FLIGHT: usize = 32;
 
 /// A pair of connected queues.
 pub fn queues() -> (Queues, QueueReceivers) {
@@ -223,6 +234,8 @@ pub fn controller(
         status_windows: Mutex::default(),
         account_windows: Mutex::default(),
         leadership: shared.leadership,
+        accounts: queued.accounts.clone(),
+        pod_writes: tokio::sync::Semaphore::new(POD_WRITES_IN_FLIGHT),
     });
     let shutdown = shutdown.shared();
     let debounce = ControllerConfig::default().debounce(Duration::from_millis(50));
