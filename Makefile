@@ -37,6 +37,12 @@ test: testenv
 lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	@# The crate boundaries (issue 10): the sidecar without the Kubernetes
+	@# client, the operator without the test cluster.
+	@if $(CARGO) tree -e normal -p saleslayer-sidecar --prefix none | grep -Eq '^kube(-client|-runtime|-core)? '; then \
+	  echo "lint: the sidecar depends on the Kubernetes client" >&2; exit 1; fi
+	@if $(CARGO) tree -e normal -p saleslayer-operator --prefix none | grep -Eq '^(saleslayer-testenv|tempfile) '; then \
+	  echo "lint: the operator depends on a test-only crate" >&2; exit 1; fi
 
 ## Regenerate the committed CRD YAML from the Rust types (and the chart's copy).
 crds: build
