@@ -140,7 +140,7 @@ EOF
 # `make demo-adapt`: someone outside the cluster starts using the account
 # (the stand-in's outside consumer, 15 of the 50 requests per 10 s), so the
 # paced pods get throttled; the account's effective budget drops until the
-# throttling stops, then the consumer leaves and the budget climbs back.
+# throttling stops, then the consumer leaves; the budget holds, then climbs back.
 adapt() {
   running node || { echo "demo: not running (make demo starts it)" >&2; exit 1; }
   consumer() {
@@ -163,6 +163,9 @@ adapt() {
   consumer 0
   sleep 60
   show kubectl get sla acme-prod
+  echo
+  echo "The budget holds below what got through for holdWindows (30 windows: 5 minutes"
+  echo "here), then climbs 1 request per clean window: watch it with kubectl get sla -w."
 }
 
 case "${1:-up}" in
