@@ -272,6 +272,19 @@ async fn bench() -> anyhow::Result<()> {
             leases(),
         )
         .await?;
+        // The first lease round, printed: where the start loses budget.
+        let mut start = Vec::new();
+        let warm_up = WARM_UP.min(measured.length / 2);
+        let left = warm_up.saturating_sub(measured.started.elapsed() + period / 4);
+        sample_for(
+            &running,
+            measured.started,
+            left,
+            period,
+            "start",
+            &mut start,
+        )
+        .await;
         let measured = measured.finish(&running).await?;
         results.push(measured);
         println!("load average after the scenarios: {}", load_average());

@@ -761,7 +761,7 @@ mod tests {
             )
         };
         quota
-            .grant(&identity("import-0"), &queued(0), now)
+            .grant(&identity("import-0"), &queued(2), now)
             .expect("the first call is granted");
         let refused = quota
             .grant(&identity("import-0"), &queued(40), now + 300)
@@ -782,7 +782,7 @@ mod tests {
             .demand
             .read()
             .map(|book| book.wanted(&key, now + 300, 10_000));
-        assert_eq!(wanted.ok().flatten(), Some(0));
+        assert_eq!(wanted.ok().flatten(), Some(2));
         assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
         // Once the interval has passed it is granted again.
         assert!(

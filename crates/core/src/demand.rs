@@ -46,6 +46,11 @@ struct PodDemand {
     /// The time that report covers (since the pod's previous one).
     over_millis: u64,
     queued: u64,
+    /// A first report that sent nothing and has nothing waiting: the pod's
+    /// sidecar just started, before its workload sent anything. It says
+    /// nothing of the pod's rate, so it counts for nothing; it only dates
+    /// the interval the pod's next report covers.
+    opening: bool,
 }
 
 impl PodDemand {
@@ -108,7 +113,8 @@ impl DemandBook {
         job.pods
             .retain(|_, pod| now_millis.saturating_sub(pod.at_millis) <= horizon);
         // Without a recent report the plan had no demand for the job: any figure moves it.
-        let known = !job.pods.is_empty();
+        let known = job.pods.values().any(|pod| !pod.opening);
+        let opening = !job.pods.contains_key(report.pod) && report.sent == 0 && report.queued == 0;
         // A first report (or one after a long silence) covers one period.
         let over_millis = job
             .pods
@@ -123,8 +129,12 @@ impl DemandBook {
                 sent: report.sent,
                 over_millis,
                 queued: report.queued,
+                opening,
             },
         );
+        if opening {
+            return false;
+        }
         let wanted = measured(job.pods.values(), period_millis);
         let moved = !known || moves_the_plan(job.planned, wanted);
         if moved {
@@ -140,7 +150,7 @@ impl DemandBook {
         let horizon = horizon(period_millis);
         job.pods
             .values()
-            .any(|pod| now_millis.saturating_sub(pod.at_millis) <= horizon)
+            .any(|pod| !pod.opening && now_millis.saturating_sub(pod.at_millis) <= horizon)
             .then_some(job.planned)
     }
 
@@ -153,7 +163,7 @@ impl DemandBook {
             .get(job)?
             .pods
             .values()
-            .filter(|pod| now_millis.saturating_sub(pod.at_millis) <= horizon)
+            .filter(|pod| !pod.opening && now_millis.saturating_sub(pod.at_millis) <= horizon)
             .peekable();
         recent.peek()?;
         Some(measured(recent, period_millis))
@@ -162,7 +172,7 @@ impl DemandBook {
 
 /// Σ per-period demand of `pods`, saturating at `u32::MAX`.
 fn measured<'a>(pods: impl Iterator<Item = &'a PodDemand>, period_millis: u64) -> u32 {
-    let wanted = pods.fold(0u64, |sum, pod| {
+    let wanted = pods.filter(|pod| !pod.opening).fold(0u64, |sum, pod| {
         sum.saturating_add(pod.per_period(period_millis))
     });
     u32::try_from(wanted).unwrap_or(u32::MAX)
@@ -188,11 +198,31 @@ mod tests {
     }
 
     #[test]
+    fn a_first_empty_report_counts_for_nothing_and_the_next_one_does() {
+        let job = job();
+        let mut book = DemandBook::default();
+        assert!(!book.report(sent(&job, "a", 0, 0), 0, P));
+        assert_eq!(book.demand(&job, 1_000, P), None);
+        // A first report with work waiting counts at once.
+        let other = JobKey::new("shop", "catalog", "prices");
+        assert!(book.report(sent(&other, "b", 0, 3), 1_000, P));
+        assert_eq!(book.demand(&other, 1_000, P), Some(3));
+        // The idle pod's next report covers the 5 s since its first: demand 0,
+        // known now, which moves the plan (the job may lend its share).
+        assert!(book.report(sent(&job, "a", 0, 0), 5_000, P));
+        assert_eq!(book.demand(&job, 5_000, P), Some(0));
+    }
+
+    #[test]
     fn demand_is_the_rate_sent_per_period_whatever_the_report_interval() {
         let job = job();
         let mut book = DemandBook::default();
         assert_eq!(book.wanted(&job, 0, P), None);
-        assert!(book.report(sent(&job, "a", 0, 0), 0, P));
+        // A sidecar's first report, before its workload sent anything, says
+        // nothing of the job's rate: still no known demand, nothing to re-plan.
+        assert!(!book.report(sent(&job, "a", 0, 0), 0, P));
+        assert_eq!(book.wanted(&job, 0, P), None);
+        assert_eq!(book.demand(&job, 0, P), None);
         // 6 requests in 5 s is 12 per 10 s.
         book.report(sent(&job, "a", 6, 0), 5_000, P);
         assert_eq!(book.wanted(&job, 6_000, P), Some(12));
