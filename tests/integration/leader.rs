@@ -370,14 +370,16 @@ async fn one_leader_writes_and_another_takes_over_when_it_dies() {
             replica.name
         );
     }
-    for replica in [&*leader, &*follower] {
-        assert!(
-            replica.logs().contains("status updated"),
-            "{} never wrote status:\n{}",
-            replica.name,
-            replica.logs()
-        );
-    }
+    // The replica that took over wrote the new weights' statuses. The first
+    // statuses were written by whoever led then: under load the Lease can
+    // move before this test reads it, so that need not be `leader`, and the
+    // check above already shows it wrote only while it led.
+    assert!(
+        follower.logs().contains("status updated"),
+        "{} never wrote status after taking over:\n{}",
+        follower.name,
+        follower.logs()
+    );
     c.kill();
 }
 
