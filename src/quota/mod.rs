@@ -333,27 +333,34 @@ pub fn authorize(
             registered: registered.join(", "),
         });
     }
-    let pod = stores
+    // Read under the lock, nothing copied: the token's UID when another pod
+    // now has the name, and whether the pod carries the report's job.
+    let (gone, in_job) = stores
         .index
         .read()
         .ok()
-        .and_then(|index| index.pod(&report.namespace, &report.pod).cloned());
-    // A token outlives its pod: bound to the pod's UID, it speaks only for
-    // that pod, not for one recreated under the same name.
-    if let (Some(token_uid), Some(live_uid)) = (
-        identity.uid.as_deref(),
-        pod.as_ref().and_then(|p| p.uid.as_deref()),
-    ) && token_uid != live_uid
-    {
+        .and_then(|index| {
+            let pod = index.pod(&report.namespace, &report.pod)?;
+            // A token outlives its pod: bound to the pod's UID, it speaks
+            // only for that pod, not for one recreated under the same name.
+            let gone = identity
+                .uid
+                .as_deref()
+                .filter(|token_uid| pod.uid.as_deref().is_some_and(|live| live != *token_uid));
+            let in_job = pod
+                .job
+                .as_ref()
+                .is_some_and(|job| job.integration == report.integration && job.job == report.job);
+            Some((gone, in_job))
+        })
+        .unwrap_or((None, false));
+    if let Some(token_uid) = gone {
         return Err(QuotaError::PodGone {
             namespace: report.namespace.clone(),
             pod: report.pod.clone(),
             token_uid: token_uid.to_owned(),
         });
     }
-    let in_job = pod
-        .and_then(|pod| pod.job)
-        .is_some_and(|job| job.integration == report.integration && job.job == report.job);
     if !in_job {
         return Err(QuotaError::PodNotInJob {
             namespace: report.namespace.clone(),

@@ -242,11 +242,8 @@ impl Stores {
     }
 }
 
-/// The job a live pod runs, from its labels; `None` for a pod that is going away.
-pub fn live_pod_key(pod: &PartialObjectMeta<Pod>) -> Option<JobKey> {
-    if pod.metadata.deletion_timestamp.is_some() {
-        return None;
-    }
+/// The job a pod's labels name, whether it is live or going away.
+pub fn pod_job_key(pod: &PartialObjectMeta<Pod>) -> Option<JobKey> {
     let labels = pod.metadata.labels.as_ref()?;
     Some(JobKey {
         namespace: pod.metadata.namespace.clone()?,

@@ -14,9 +14,9 @@ use std::collections::{BTreeSet, HashMap};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::PartialObjectMeta;
 use kube::runtime::watcher;
-use saleslayer_contract::{ANNOTATION_LIMIT, LABEL_INTEGRATION, LABEL_JOB};
+use saleslayer_contract::ANNOTATION_LIMIT;
 
-use super::live_pod_key;
+use super::pod_job_key;
 use saleslayer_core::allocation::JobKey;
 
 /// What the operator reads of one watched pod.
@@ -36,23 +36,10 @@ pub struct WatchedPod {
 impl WatchedPod {
     fn of(pod: &PartialObjectMeta<Pod>) -> Self {
         let meta = &pod.metadata;
-        let labels = meta.labels.as_ref();
-        let job = match (
-            meta.namespace.as_ref(),
-            labels.and_then(|l| l.get(LABEL_INTEGRATION)),
-            labels.and_then(|l| l.get(LABEL_JOB)),
-        ) {
-            (Some(namespace), Some(integration), Some(job)) => Some(JobKey {
-                namespace: namespace.clone(),
-                integration: integration.clone(),
-                job: job.clone(),
-            }),
-            _ => None,
-        };
         Self {
             uid: meta.uid.clone(),
-            live: live_pod_key(pod).is_some(),
-            job,
+            live: meta.deletion_timestamp.is_none(),
+            job: pod_job_key(pod),
             limit: meta
                 .annotations
                 .as_ref()
@@ -191,6 +178,7 @@ mod tests {
     use kube::api::ObjectMeta;
 
     use super::*;
+    use saleslayer_contract::LABEL_JOB;
 
     fn pod(name: &str, job: &str) -> PartialObjectMeta<Pod> {
         PartialObjectMeta {

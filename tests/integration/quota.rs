@@ -267,14 +267,24 @@ async fn persistent_throttling_fires_and_resolves() {
             .map(|c| (c.status, c.message))
     };
 
+    // One report of price-0 with `throttled` 429s; refused is an error.
+    let send = |throttled| {
+        let (quota, token) = (&quota, &token);
+        async move {
+            let (status, body) = quota
+                .post(Some(token), report("price-0", "price-sync", throttled))
+                .await;
+            if status == 200 {
+                Ok(())
+            } else {
+                Err(format!("report refused: {status} {body}"))
+            }
+        }
+    };
+
     // Throttled reports in consecutive 1 s windows.
     eventually("PersistentThrottling=True", || async {
-        let (status, body) = quota
-            .post(Some(&token), report("price-0", "price-sync", 3))
-            .await;
-        if status != 200 {
-            return Err(format!("report refused: {status} {body}"));
-        }
+        send(3).await?;
         let sli = slis.get("catalog").await.map_err(|e| e.to_string())?;
         match condition(sli.status.clone()) {
             Some((s, m)) if s == "True" => {
@@ -297,12 +307,7 @@ async fn persistent_throttling_fires_and_resolves() {
     // kubectl shows it too. Reports go on meanwhile: a window without
     // throttled reports would end the run before a slow kubectl reads it.
     eventually("kubectl shows the throttled job", || async {
-        let (status, body) = quota
-            .post(Some(&token), report("price-0", "price-sync", 3))
-            .await;
-        if status != 200 {
-            return Err(format!("report refused: {status} {body}"));
-        }
+        send(3).await?;
         let table = env.kubectl(&[
             "-n",
             "shop",
@@ -322,12 +327,7 @@ async fn persistent_throttling_fires_and_resolves() {
 
     // Clean reports: one clean window resolves it.
     eventually("PersistentThrottling=False", || async {
-        let (status, body) = quota
-            .post(Some(&token), report("price-0", "price-sync", 0))
-            .await;
-        if status != 200 {
-            return Err(format!("report refused: {status} {body}"));
-        }
+        send(0).await?;
         let sli = slis.get("catalog").await.map_err(|e| e.to_string())?;
         match condition(sli.status) {
             Some((s, _)) if s == "False" => Ok(()),
