@@ -40,7 +40,7 @@ pub enum QuotaError {
     #[error("too many failed authentications from this client; retry in {retry_after_seconds} s")]
     TooManyFailures { retry_after_seconds: u64 },
     #[error(
-        "pod {namespace}/{pod} renews faster than its refresh interval; retry in {retry_after_millis} ms"
+        "pod {namespace}/{pod} renews again too soon (at most every 250 ms); retry in {retry_after_millis} ms"
     )]
     TooFrequent {
         namespace: String,

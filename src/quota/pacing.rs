@@ -16,12 +16,12 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use super::LEASE_REFRESH;
-
-/// The least time between two accepted lease calls of one pod: a fifth of
-/// the refresh interval. A sidecar renews once per refresh and waits 2 s
-/// after a failed call, so it never meets this; a client in a loop does.
-pub const MIN_RENEWAL_INTERVAL: Duration = Duration::from_secs(LEASE_REFRESH.as_secs() / 5);
+/// The least time between two accepted lease calls of one pod (250 ms). A
+/// sidecar leaves twice that between its calls, even when it renews early
+/// (it turned idle, or work waits again), so it never meets this; a client
+/// in a loop does.
+pub const MIN_RENEWAL_INTERVAL: Duration =
+    Duration::from_millis(saleslayer_contract::MIN_RENEWAL_INTERVAL_MILLIS);
 
 /// Below this many pods the book is never pruned (it is small anyway).
 const PRUNE_FLOOR: usize = 64;
@@ -160,17 +160,18 @@ mod tests {
     #[test]
     fn a_pod_calling_sooner_than_the_interval_is_told_how_long_to_wait() {
         let mut pace = RenewalPace::default();
-        assert_eq!(MIN_RENEWAL_INTERVAL, Duration::from_secs(1));
+        assert_eq!(MIN_RENEWAL_INTERVAL, Duration::from_millis(250));
         assert_eq!(pace.admit("shop", "a", 10_000), Ok(()));
-        assert_eq!(pace.admit("shop", "a", 10_400), Err(600));
+        assert_eq!(pace.admit("shop", "a", 10_100), Err(150));
         // A refused call does not restart the wait; other pods are not held up.
-        assert_eq!(pace.admit("shop", "a", 10_999), Err(1));
-        assert_eq!(pace.admit("shop", "b", 10_999), Ok(()));
-        assert_eq!(pace.admit("other", "a", 10_999), Ok(()));
-        assert_eq!(pace.admit("shop", "a", 11_000), Ok(()));
-        // A sidecar renewing every refresh is never refused.
+        assert_eq!(pace.admit("shop", "a", 10_249), Err(1));
+        assert_eq!(pace.admit("shop", "b", 10_249), Ok(()));
+        assert_eq!(pace.admit("other", "a", 10_249), Ok(()));
+        assert_eq!(pace.admit("shop", "a", 10_250), Ok(()));
+        // A sidecar renewing every refresh, or early at twice the interval, is
+        // never refused.
         for step in 1..10 {
-            assert_eq!(pace.admit("shop", "a", 11_000 + step * 5_000), Ok(()));
+            assert_eq!(pace.admit("shop", "a", 10_250 + step * 500), Ok(()));
         }
     }
 

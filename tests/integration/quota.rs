@@ -400,9 +400,10 @@ async fn a_pod_renewing_too_often_gets_429_too_frequent() {
         }
     })
     .await;
-    // Right after a grant: refused, told when to come back, in JSON. (A
-    // call that came a second late is granted and the next one is early.)
-    let (retry_after, body) = eventually("a call within a second of a grant", || async {
+    // Right after a grant: refused, told when to come back (whole seconds,
+    // rounded up from 250 ms), in JSON. (A call that came late is granted and
+    // the next one is early.)
+    let (retry_after, body) = eventually("a call within 250 ms of a grant", || async {
         match quota
             .post_once(Some(&token), report("import-0", "product-import", 0))
             .await

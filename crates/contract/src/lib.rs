@@ -148,7 +148,28 @@ pub struct Usage {
     /// Unmet demand: requests waiting for capacity now (a gauge).
     #[serde(default)]
     pub queued: u64,
+    /// How long the pod has had nothing to do, up to now: no request waiting,
+    /// none in flight, none started (a gauge; 0 while it works). Once it
+    /// reaches [`idle_after`] of the limit's period, the pod wants nothing,
+    /// whatever it sent earlier in the interval this report covers.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub idle_millis: u64,
 }
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
+}
+
+/// How long a pod must have had nothing to do before it counts as idle under a
+/// limit of `period_millis`: half a period, between 500 ms and 5 s. The
+/// sidecar renews as soon as it turns idle, and again as soon as work waits.
+pub fn idle_after(period_millis: u64) -> u64 {
+    (period_millis / 2).clamp(500, 5_000)
+}
+
+/// The least time between two lease calls of one pod that the quota API
+/// accepts. A sidecar leaves at least twice this between its calls.
+pub const MIN_RENEWAL_INTERVAL_MILLIS: u64 = 250;
 
 /// The quota API's answer: the pod's grant until `ttlMillis` from now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

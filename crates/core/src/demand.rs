@@ -8,6 +8,10 @@
 //! [`horizon`]; with none, the job has no known demand. Rates, not sums per
 //! window, so that how often pods report (every 5 s) and how long the
 //! limit's period is (10 s, or 1 s in a benchmark) do not change the figure.
+//! A pod that says it has had nothing to do for [`idle_after`] of the period
+//! wants nothing, whatever it sent earlier in the interval: its sidecar
+//! renews as soon as it turns idle, so a job's demand drops within half a
+//! period of its last request instead of a report later.
 //!
 //! With `lendIdleCapacity`, the allocation caps a job at its demand (never
 //! below its floor), so capacity a job does not use goes to jobs that queue,
@@ -26,6 +30,7 @@ use std::collections::HashMap;
 use crate::allocation::JobKey;
 
 use crate::lease_book::DEFAULT_TTL_MILLIS;
+pub use saleslayer_contract::idle_after;
 
 /// A pod's report, as the demand book needs it.
 #[derive(Debug, Clone, Copy)]
@@ -36,6 +41,8 @@ pub struct Report<'a> {
     pub sent: u64,
     /// Requests waiting for capacity right now.
     pub queued: u64,
+    /// How long the pod has had nothing to do (`Usage::idle_millis`).
+    pub idle_millis: u64,
 }
 
 /// A pod's last report.
@@ -51,11 +58,17 @@ struct PodDemand {
     /// nothing of the pod's rate, so it counts for nothing; it only dates
     /// the interval the pod's next report covers.
     opening: bool,
+    /// Nothing to do for [`idle_after`] of the period: it wants nothing now.
+    idle: bool,
 }
 
 impl PodDemand {
-    /// Requests per `period_millis`, rounded up, plus the backlog.
+    /// Requests per `period_millis`, rounded up, plus the backlog; nothing
+    /// for an idle pod.
     fn per_period(&self, period_millis: u64) -> u64 {
+        if self.idle {
+            return 0;
+        }
         let rate = u128::from(self.sent) * u128::from(period_millis);
         let per_period = rate.div_ceil(u128::from(self.over_millis.max(1)));
         u64::try_from(per_period)
@@ -114,7 +127,10 @@ impl DemandBook {
             .retain(|_, pod| now_millis.saturating_sub(pod.at_millis) <= horizon);
         // Without a recent report the plan had no demand for the job: any figure moves it.
         let known = job.pods.values().any(|pod| !pod.opening);
-        let opening = !job.pods.contains_key(report.pod) && report.sent == 0 && report.queued == 0;
+        let opening = !job.pods.contains_key(report.pod)
+            && report.sent == 0
+            && report.queued == 0
+            && report.idle_millis < idle_after(period_millis);
         // A first report (or one after a long silence) covers one period.
         let over_millis = job
             .pods
@@ -130,6 +146,7 @@ impl DemandBook {
                 over_millis,
                 queued: report.queued,
                 opening,
+                idle: report.queued == 0 && report.idle_millis >= idle_after(period_millis),
             },
         );
         if opening {
@@ -194,7 +211,47 @@ mod tests {
             pod,
             sent,
             queued,
+            idle_millis: 0,
         }
+    }
+
+    #[test]
+    fn a_pod_idle_for_half_a_period_wants_nothing_whatever_it_sent_before() {
+        let job = job();
+        let mut book = DemandBook::default();
+        assert!(book.report(sent(&job, "a", 20, 0), 0, P));
+        book.report(sent(&job, "a", 20, 0), 10_000, P);
+        assert_eq!(book.demand(&job, 10_000, P), Some(20));
+        // It sent 10 in the 6 s since, then nothing for the last 4 s: not yet idle
+        // (half of 10 s is 5 s), so its rate over the interval counts.
+        let quiet = |idle_millis| Report {
+            idle_millis,
+            ..sent(&job, "a", 10, 0)
+        };
+        assert!(book.report(quiet(4_000), 16_000, P));
+        assert_eq!(book.demand(&job, 16_000, P), Some(17));
+        // Idle for 5 s: the same report wants nothing, and that moves the plan.
+        assert!(book.report(quiet(5_000), 17_000, P));
+        assert_eq!(book.demand(&job, 17_000, P), Some(0));
+        // Work waiting is never idle, whatever the gauge says.
+        let waiting = Report {
+            idle_millis: 9_000,
+            ..sent(&job, "a", 0, 3)
+        };
+        assert!(book.report(waiting, 18_000, P));
+        assert_eq!(book.demand(&job, 18_000, P), Some(3));
+        // A pod that opens idle is known at once to want nothing.
+        let other = JobKey::new("shop", "catalog", "prices");
+        let opens_idle = Report {
+            idle_millis: 5_000,
+            ..sent(&other, "b", 0, 0)
+        };
+        assert!(book.report(opens_idle, 18_000, P));
+        assert_eq!(book.demand(&other, 18_000, P), Some(0));
+        // At a 1 s period half a second of nothing is idle.
+        assert_eq!(idle_after(1_000), 500);
+        assert_eq!(idle_after(10_000), 5_000);
+        assert_eq!(idle_after(60_000), 5_000);
     }
 
     #[test]

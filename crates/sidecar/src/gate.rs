@@ -37,6 +37,31 @@ struct State {
     usage: Usage,
     /// No attempt starts before this instant (after a throttled answer).
     held_until: Duration,
+    /// The last instant the gate had work: a request waiting, starting or
+    /// in flight (the gate's creation, before any).
+    busy_at: Duration,
+}
+
+impl State {
+    /// How long the gate has had nothing to do at `now` (zero while it works).
+    fn idle_for(&self, now: Duration) -> Duration {
+        if self.in_flight > 0 || self.waiting > 0 {
+            Duration::ZERO
+        } else {
+            now.saturating_sub(self.busy_at)
+        }
+    }
+}
+
+/// Whether the pod works, as the renewer watches it between renewals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Activity {
+    /// Requests waiting for capacity now.
+    pub waiting: usize,
+    /// How long the gate has had nothing to do (zero while it works).
+    pub idle_for: Duration,
+    /// Throttled answers since the last report.
+    pub throttled: u64,
 }
 
 /// The right to send one attempt now; dropping it frees its concurrency slot.
@@ -48,8 +73,10 @@ pub struct Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         {
+            let now = self.gate.clock.now();
             let mut state = self.gate.state();
             state.in_flight = state.in_flight.saturating_sub(1);
+            state.busy_at = state.busy_at.max(now);
         }
         self.gate.changed.notify_waiters();
     }
@@ -60,8 +87,10 @@ struct Waiting<'a>(&'a Gate);
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
+        let now = self.0.clock.now();
         let mut state = self.0.state();
         state.waiting = state.waiting.saturating_sub(1);
+        state.busy_at = state.busy_at.max(now);
     }
 }
 
@@ -76,6 +105,7 @@ pub struct Snapshot {
 
 impl Gate {
     pub fn new(clock: Arc<dyn Clock>, limits: Limits, queue_limit: usize) -> Arc<Self> {
+        let busy_at = clock.now();
         Arc::new(Self {
             clock,
             queue_limit,
@@ -86,6 +116,7 @@ impl Gate {
                 waiting: 0,
                 usage: Usage::default(),
                 held_until: Duration::ZERO,
+                busy_at,
             }),
             changed: Notify::new(),
         })
@@ -165,7 +196,9 @@ impl Gate {
     /// What happened since the last report, with the queue as it is now; the
     /// counters start again from zero (peak concurrency from what is in flight).
     pub fn take_usage(&self) -> Usage {
+        let now = self.clock.now();
         let mut state = self.state();
+        let idle_millis = u64::try_from(state.idle_for(now).as_millis()).unwrap_or(u64::MAX);
         let in_flight = u64::from(state.in_flight);
         let mut usage = std::mem::replace(
             &mut state.usage,
@@ -175,7 +208,25 @@ impl Gate {
             },
         );
         usage.queued = state.waiting as u64;
+        usage.idle_millis = idle_millis;
         usage
+    }
+
+    /// The gate's clock, now.
+    pub fn now(&self) -> Duration {
+        self.clock.now()
+    }
+
+    /// What the renewer watches between renewals: work waiting, or how long
+    /// there has been none.
+    pub fn activity(&self) -> Activity {
+        let now = self.clock.now();
+        let state = self.state();
+        Activity {
+            waiting: state.waiting,
+            idle_for: state.idle_for(now),
+            throttled: state.usage.throttled,
+        }
     }
 
     /// Put back a report that could not be delivered, so the next one carries it.
@@ -298,6 +349,46 @@ mod tests {
         waiter.abort();
     }
 
+    #[tokio::test]
+    async fn the_gate_says_how_long_it_has_had_nothing_to_do() {
+        let clock = ManualClock::default();
+        let gate = Gate::new(Arc::new(clock.clone()), Limits::new(limit(100, 1)), 8);
+        clock.advance(Duration::from_millis(700));
+        // Nothing since it opened.
+        assert_eq!(gate.activity().idle_for, Duration::from_millis(700));
+        let permit = gate.acquire().await.expect("a permit");
+        clock.advance(Duration::from_secs(3));
+        // A request in flight is work, however long it takes.
+        let working = Activity {
+            waiting: 0,
+            idle_for: Duration::ZERO,
+            throttled: 0,
+        };
+        assert_eq!(gate.activity(), working);
+        assert_eq!(gate.take_usage().idle_millis, 0);
+        drop(permit);
+        clock.advance(Duration::from_millis(400));
+        assert_eq!(gate.activity().idle_for, Duration::from_millis(400));
+        assert_eq!(gate.take_usage().idle_millis, 400);
+        // A waiting request is work too.
+        let _held = gate.acquire().await.expect("held");
+        let waiter = {
+            let gate = gate.clone();
+            tokio::spawn(async move { gate.acquire().await.map(|_| ()) })
+        };
+        tokio::task::yield_now().await;
+        assert_eq!(
+            gate.activity(),
+            Activity {
+                waiting: 1,
+                ..working
+            }
+        );
+        gate.record_attempt(Some(429), true);
+        assert_eq!(gate.activity().throttled, 1);
+        waiter.abort();
+    }
+
     #[test]
     fn undelivered_usage_rides_with_the_next_report() {
         let gate = Gate::new(
@@ -349,6 +440,7 @@ mod tests {
             retries: u64::MAX,
             peak_concurrency: u64::MAX,
             queued: u64::MAX,
+            idle_millis: u64::MAX,
         };
         gate.restore_usage(huge.clone());
         gate.restore_usage(huge);

@@ -4,6 +4,14 @@
 //! expires, then falls back to the limit file, then to its env share: never
 //! faster than it was told. A report that was not delivered rides with the
 //! next one.
+//!
+//! Between renewals it watches the gate, and renews at once when the pod
+//! turns idle (nothing to do for `idle_after` of the grant's period), when
+//! work waits again after a report that said idle, or when an answer was
+//! throttled: so the quota API hears of each within a fraction of a period,
+//! not a refresh later, and can lend the pod's share to others, give it
+//! back, or lower the account's budget. Never sooner than [`EARLY_GAP`]
+//! after the previous call.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,11 +19,13 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use crate::gate::Gate;
+use crate::gate::{Activity, Gate};
 use crate::limits::parse_limit_file;
 use crate::metrics::{OutcomeLabel, ProxyMetrics};
 use crate::pacer::Limit;
-use saleslayer_contract::{LEASES_PATH, LeaseGrant, LeaseReport, Usage};
+use saleslayer_contract::{
+    LEASES_PATH, LeaseGrant, LeaseReport, MIN_RENEWAL_INTERVAL_MILLIS, Usage, idle_after,
+};
 use saleslayer_runtime::clock::Clock;
 
 /// Who the sidecar reports for.
@@ -45,6 +55,11 @@ const RETRY_UNREACHABLE: Duration = Duration::from_secs(2);
 const FILE_EVERY: Duration = Duration::from_secs(2);
 /// One renewal may take this long.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// The least time between a call and an early renewal: twice the quota API's
+/// least accepted interval, so an early renewal is never refused.
+pub const EARLY_GAP: Duration = Duration::from_millis(2 * MIN_RENEWAL_INTERVAL_MILLIS);
+/// How often the gate is looked at between renewals.
+const WATCH_EVERY: Duration = Duration::from_millis(100);
 
 /// A renewal that did not give a grant.
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +135,37 @@ pub struct Renewer {
     metrics: Arc<ProxyMetrics>,
     http: Option<reqwest::Client>,
     failing: bool,
+    /// What the last delivered report said, for early renewals.
+    last: Option<Delivered>,
+}
+
+/// A delivered report, as the renewer watches for a change from it.
+#[derive(Debug, Clone, Copy)]
+struct Delivered {
+    /// When it was sent, on the gate's clock.
+    at: Duration,
+    /// It said the pod was idle.
+    idle: bool,
+    /// How long nothing to do makes the pod idle under its grant.
+    idle_after: Duration,
+}
+
+impl Delivered {
+    /// Whether the gate's `activity` at `now` is news to the quota API: an
+    /// answer was throttled, the pod turned idle, or work waits after a
+    /// report that said idle; never within [`EARLY_GAP`] of the report.
+    fn turned(self, now: Duration, activity: Activity) -> bool {
+        if now.saturating_sub(self.at) < EARLY_GAP {
+            return false;
+        }
+        if activity.throttled > 0 {
+            true
+        } else if self.idle {
+            activity.waiting > 0
+        } else {
+            activity.idle_for >= self.idle_after
+        }
+    }
 }
 
 impl Renewer {
@@ -136,6 +182,7 @@ impl Renewer {
             metrics,
             http: None,
             failing: false,
+            last: None,
         }
     }
 
@@ -164,8 +211,16 @@ impl Renewer {
             return RETRY_UNREACHABLE;
         };
         let usage = self.gate.take_usage();
+        let at = self.gate.now();
         match endpoint.renew(client, usage.clone()).await {
             Ok(grant) => {
+                let idle_after = Duration::from_millis(idle_after(grant.period_millis));
+                self.last = Some(Delivered {
+                    at,
+                    idle: usage.queued == 0
+                        && Duration::from_millis(usage.idle_millis) >= idle_after,
+                    idle_after,
+                });
                 self.gate.set_lease(
                     Limit {
                         requests: grant.requests,
@@ -182,6 +237,7 @@ impl Renewer {
                 Duration::from_millis(grant.refresh_millis.max(100))
             }
             Err(error) => {
+                self.last = None;
                 self.gate.restore_usage(usage);
                 count(&self.metrics, "error");
                 if !self.failing {
@@ -193,7 +249,16 @@ impl Renewer {
         }
     }
 
-    /// Step until `stop` resolves, sleeping on `clock` in between.
+    /// Whether the pod changed since the last delivered report in a way the
+    /// quota API should hear of now: it turned idle, or work waits after a
+    /// report that said idle.
+    pub fn turned(&self) -> bool {
+        self.last
+            .is_some_and(|last| last.turned(self.gate.now(), self.gate.activity()))
+    }
+
+    /// Step until `stop` resolves, sleeping on `clock` in between and
+    /// stepping early when the pod [turned](Renewer::turned).
     pub async fn run(mut self, clock: Arc<dyn Clock>, stop: impl Future<Output = ()>) {
         tokio::pin!(stop);
         loop {
@@ -201,9 +266,19 @@ impl Renewer {
                 () = &mut stop => return,
                 next = self.step() => next,
             };
-            tokio::select! {
-                () = &mut stop => return,
-                () = clock.sleep(next) => {}
+            let due = clock.now().saturating_add(next);
+            loop {
+                let left = due.saturating_sub(clock.now());
+                if left.is_zero() {
+                    break;
+                }
+                tokio::select! {
+                    () = &mut stop => return,
+                    () = clock.sleep(left.min(WATCH_EVERY)) => {}
+                }
+                if self.turned() {
+                    break;
+                }
             }
         }
     }
@@ -222,4 +297,49 @@ fn count(metrics: &ProxyMetrics, outcome: &str) {
 fn read_limit_file(path: &std::path::Path) -> Option<Limit> {
     let text = std::fs::read_to_string(path).ok()?;
     parse_limit_file(&text).ok().flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn activity(waiting: usize, idle_millis: u64) -> Activity {
+        Activity {
+            waiting,
+            idle_for: Duration::from_millis(idle_millis),
+            throttled: 0,
+        }
+    }
+
+    #[test]
+    fn a_pod_renews_early_when_it_turns_idle_and_when_work_waits_again() {
+        let working = Delivered {
+            at: Duration::from_secs(10),
+            idle: false,
+            idle_after: Duration::from_millis(idle_after(1_000)),
+        };
+        let at = |millis: u64| Duration::from_millis(10_000 + millis);
+        // Working, or not idle long enough: nothing to say before the refresh.
+        assert!(!working.turned(at(600), activity(3, 0)));
+        assert!(!working.turned(at(600), activity(0, 499)));
+        // Half a period with nothing to do: idle, say so now.
+        assert!(working.turned(at(600), activity(0, 500)));
+        // But never within EARLY_GAP of the last call, so never refused.
+        assert!(!working.turned(at(499), activity(0, 5_000)));
+        let idle = Delivered {
+            idle: true,
+            ..working
+        };
+        // Still idle: nothing new. Work waiting: renew now, to get a share.
+        assert!(!idle.turned(at(5_000), activity(0, 5_000)));
+        assert!(idle.turned(at(5_000), activity(1, 0)));
+        assert!(!idle.turned(at(100), activity(1, 0)));
+        // A throttled answer is news whatever the pod does.
+        let throttled = Activity {
+            throttled: 1,
+            ..activity(4, 0)
+        };
+        assert!(working.turned(at(600), throttled));
+        assert!(!working.turned(at(400), throttled));
+    }
 }
