@@ -43,7 +43,7 @@ use saleslayer_contract::{LEASES_PATH, LeaseGrant, LeaseReport};
 use saleslayer_core::account::ValidatedAccount;
 use saleslayer_core::allocation::{JobAllocation, JobKey};
 use saleslayer_core::demand;
-use saleslayer_core::lease_book::{DEFAULT_REFRESH_MILLIS, LeaseBook, LeaseRequest};
+use saleslayer_core::lease_book::{self, DEFAULT_REFRESH_MILLIS, LeaseBook, LeaseRequest};
 use saleslayer_core::plan::{self, AccountPlan, ValidatedIntegration};
 use saleslayer_core::throttle;
 use saleslayer_runtime::clock::{millis, wall_millis};
@@ -184,8 +184,8 @@ impl Quota {
                 pod: report.pod.clone(),
                 retry_after_millis,
             })?;
-        let account_plan = self.stores.account_plan(&authorized.account, None, now);
-        let job = allocation_of(&account_plan, &authorized, report)?;
+        let mut account_plan = self.stores.account_plan(&authorized.account, None, now);
+        allocation_of(&account_plan, &authorized, report)?;
         let recorded = record(
             &self.stores.reports,
             &authorized,
@@ -195,15 +195,35 @@ impl Quota {
         );
         let window = throttle::window_of(now, account_plan.budget.period_millis);
         self.notify(&authorized, recorded, window);
+        // The report's own demand counts in its grant: a pod that turned idle
+        // gives its share up now, one that has work again asks for it now.
+        if recorded.demand_moved {
+            account_plan = self.stores.account_plan(&authorized.account, None, now);
+        }
+        let job = allocation_of(&account_plan, &authorized, report)?;
         let request = lease_request(&authorized, &account_plan, job, &report.pod);
         let grant = self.books(term, since_millis)?.book.lease(now, &request);
         self.count(&authorized.key, report);
+        let ordinary =
+            lease_book::refresh_for(account_plan.budget.period_millis, DEFAULT_REFRESH_MILLIS);
+        let mut refresh_millis = grant.refresh_millis;
+        // Where idle capacity is lent, a pod whose requests wait holds all it
+        // was granted: it comes back sooner, to take capacity as it frees and
+        // to give back lent capacity soon after its lender returns.
+        if authorized.integration.lend_idle_capacity && report.usage.queued > 0 {
+            refresh_millis = refresh_millis.min(lease_book::waiting_refresh(ordinary));
+        }
+        // A pod that was throttled comes back soon: its account's budget may
+        // be about to drop (adaptation), and it should send less at once.
+        if report.usage.throttled > 0 {
+            refresh_millis = refresh_millis.min(lease_book::cut_refresh(ordinary));
+        }
         Ok(LeaseGrant {
             requests: grant.share.requests,
             period_millis: grant.share.period_millis,
             max_concurrency: grant.share.max_concurrency,
             ttl_millis: grant.ttl_millis,
-            refresh_millis: grant.refresh_millis,
+            refresh_millis,
         })
     }
 
@@ -431,6 +451,7 @@ pub fn record(
                 pod: &report.pod,
                 sent: report.usage.requests,
                 queued: report.usage.queued,
+                idle_millis: report.usage.idle_millis,
             };
             book.report(seen, now, period)
         });
@@ -730,6 +751,7 @@ mod tests {
             retries: u64::MAX,
             peak_concurrency: u64::MAX,
             queued: u64::MAX,
+            idle_millis: u64::MAX,
         };
         let now = wall_millis();
         for call in 0..3 {
@@ -771,14 +793,14 @@ mod tests {
             .grant(&identity("import-0"), &queued(2), now)
             .expect("the first call is granted");
         let refused = quota
-            .grant(&identity("import-0"), &queued(40), now + 300)
-            .expect_err("300 ms later is too soon");
+            .grant(&identity("import-0"), &queued(40), now + 100)
+            .expect_err("100 ms later is too soon");
         assert_eq!(
             refused,
             QuotaError::TooFrequent {
                 namespace: "shop".into(),
                 pod: "import-0".into(),
-                retry_after_millis: 700,
+                retry_after_millis: 150,
             }
         );
         // The refused report did not count: demand is still what the first said.
@@ -788,7 +810,7 @@ mod tests {
             .reports
             .demand
             .read()
-            .map(|book| book.wanted(&key, now + 300, 10_000));
+            .map(|book| book.wanted(&key, now + 100, 10_000));
         assert_eq!(wanted.ok().flatten(), Some(2));
         assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
         // Once the interval has passed it is granted again.

@@ -105,9 +105,29 @@ pub const DEFAULT_TTL_MILLIS: u64 = 15_000;
 /// How often the operator asks pods to renew, at most.
 pub const DEFAULT_REFRESH_MILLIS: u64 = 5_000;
 
-/// The shortest refresh a grant asks for: twice the quota API's one accepted
-/// renewal per pod per second, so a late timer is never refused.
+/// The shortest refresh a grant asks for in the ordinary case: the pods'
+/// steady renewal load stays at one call per pod per two seconds.
 pub const MIN_REFRESH_MILLIS: u64 = 2_000;
+
+/// The shortest refresh of a pod asked to come back sooner (below): twice the
+/// quota API's least accepted interval between a pod's calls.
+pub const MIN_SOON_REFRESH_MILLIS: u64 = 2 * saleslayer_contract::MIN_RENEWAL_INTERVAL_MILLIS;
+
+/// How soon a pod whose requests wait for capacity renews, on an account that
+/// lends idle capacity: half its refresh. Such a pod holds all it was
+/// granted, so it takes capacity that another job stopped using within half a
+/// refresh, and gives back capacity lent to it within half a refresh of the
+/// lender's return.
+pub fn waiting_refresh(refresh_millis: u64) -> u64 {
+    (refresh_millis / 2).max(MIN_SOON_REFRESH_MILLIS)
+}
+
+/// How soon a pod renews whose grant was cut below its target because other
+/// pods still hold the capacity: a quarter of its refresh. The others give it
+/// up at their next renewal; this pod takes it at the one after.
+pub fn cut_refresh(refresh_millis: u64) -> u64 {
+    (refresh_millis / 4).max(MIN_SOON_REFRESH_MILLIS)
+}
 
 /// How soon a pod renews under a limit of `period_millis`: half a period, so
 /// the pods follow a new budget within the window after it, kept between
@@ -248,15 +268,20 @@ impl LeaseBook {
         let account_id = self.account_id(request.account, request.usable.period_millis);
         let account = &mut self.accounts[account_id];
         account.rebase(request.usable.period_millis);
-        let (share, first) = account.lease(request, expires_millis, restarting);
+        let (share, first, cut) = account.lease(request, expires_millis, restarting);
         if first {
             self.due
                 .push(Reverse((expires_millis, account_id, request.job.clone())));
         }
+        let refresh = refresh_for(request.usable.period_millis, self.refresh_millis);
         Grant {
             share,
             ttl_millis: self.ttl_millis,
-            refresh_millis: refresh_for(request.usable.period_millis, self.refresh_millis),
+            refresh_millis: if cut {
+                cut_refresh(refresh).min(refresh)
+            } else {
+                refresh
+            },
         }
     }
 
@@ -401,13 +426,15 @@ impl Account {
     }
 
     /// Decides and records the grant; also says whether the job is new and must be
-    /// queued for pruning. Every lease left in the account is live (just pruned).
+    /// queued for pruning, and whether the grant was cut below what the pod wanted
+    /// because other live grants hold the room. Every lease left in the account is
+    /// live (just pruned).
     fn lease(
         &mut self,
         request: &LeaseRequest<'_>,
         expires_millis: u64,
         restarting: bool,
-    ) -> (PodShare, bool) {
+    ) -> (PodShare, bool, bool) {
         let base = self.base_millis;
         let job = match self.jobs.get_mut(request.job) {
             Some(job) => job,
@@ -467,6 +494,13 @@ impl Account {
             job_room.min(account_room)
         };
         let share = fit(wanted, room, request.usable.period_millis);
+        // Cut: fewer requests, or a period stretched by more than the rounding of a
+        // split over many pods (a few milliseconds).
+        let cut = share.requests < wanted.requests
+            || share.period_millis
+                > wanted
+                    .period_millis
+                    .saturating_add(wanted.period_millis / 100);
 
         // When the lease lapses the pod falls back to its static share: the lease
         // counts for at least that (but never above the target, see the module docs).
@@ -490,7 +524,7 @@ impl Account {
         if first {
             job.due_millis = Some(expires_millis);
         }
-        (share, first)
+        (share, first, cut)
     }
 }
 
@@ -729,6 +763,32 @@ mod tests {
             }
         );
         assert_eq!(book.live_rate(SETTLED, "acme"), reduced(24, P));
+    }
+
+    #[test]
+    fn a_pod_cut_below_its_target_is_asked_back_sooner() {
+        let job = key("a");
+        let mut book = book();
+        assert_eq!(
+            book.lease(SETTLED, &ask(&job, "a-1", 24)).refresh_millis,
+            5_000
+        );
+        // The second pod gets nothing while the first holds all 24: it is asked
+        // back in a quarter of the refresh, to take its half once the first renewed.
+        let cut = book.lease(SETTLED + 1, &ask(&job, "a-2", 24));
+        assert_eq!(cut.share.requests, 0);
+        assert_eq!(cut.refresh_millis, 1_250);
+        assert_eq!(
+            book.lease(SETTLED + 5_000, &ask(&job, "a-1", 24))
+                .refresh_millis,
+            5_000
+        );
+        let whole = book.lease(SETTLED + 6_250, &ask(&job, "a-2", 24));
+        assert_eq!((whole.share.requests, whole.refresh_millis), (12, 5_000));
+        assert_eq!(cut_refresh(2_000), 500);
+        assert_eq!(cut_refresh(1_000), MIN_SOON_REFRESH_MILLIS);
+        assert_eq!(waiting_refresh(5_000), 2_500);
+        assert_eq!(waiting_refresh(2_000), 1_000);
     }
 
     #[test]
