@@ -983,6 +983,16 @@ async fn idle_and_return(running: &Running, period: Duration) -> anyhow::Result<
             |d| format!("{:.2} s", d.as_secs_f64()),
         )
     };
+    // The idle job's pods still send what was queued when its workers
+    // stopped (at its grant: 10 requests per period at most): it has drained
+    // once its served count stops moving for the rest of the idle phase.
+    let drained_at = idle
+        .last()
+        .and_then(|last| {
+            idle.iter()
+                .find(|s| s.at > idle_at && s.served[0] == last.served[0])
+        })
+        .map(|s| s.at.saturating_sub(idle_at));
     let others_peak = first_sustained(idle, idle_at, period, |i| {
         others_granted(i) >= peak_granted - 1e-9
     });
@@ -1009,6 +1019,13 @@ async fn idle_and_return(running: &Running, period: Duration) -> anyhow::Result<
                 JOBS[0], granted_before[0]
             ),
             format!("{lowest_returning:.1}/s"),
+        ),
+        (
+            format!(
+                "{}'s pods have sent what was queued when its workers stopped",
+                JOBS[0]
+            ),
+            show(drained_at),
         ),
         (
             format!(
@@ -1061,7 +1078,26 @@ async fn idle_and_return(running: &Running, period: Duration) -> anyhow::Result<
         println!("| {what} | {figure} |");
     }
     let seconds = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
+    // The refresh a grant asks for in the ordinary case, the goal's unit.
+    let refresh = Duration::from_millis(saleslayer_core::lease_book::refresh_for(
+        u64::try_from(period.as_millis()).unwrap_or(u64::MAX),
+        saleslayer_core::lease_book::DEFAULT_REFRESH_MILLIS,
+    ));
+    let refreshes = |d: Option<Duration>| d.map(|d| d.as_secs_f64() / refresh.as_secs_f64());
+    let show_refreshes = |d: Option<Duration>| {
+        refreshes(d).map_or_else(|| "never".to_owned(), |r| format!("{r:.2}"))
+    };
+    println!(
+        "(refresh {:.1} s: the others serve 95 % of usable after {} refreshes, the returning job's grant is 90 % of fair after {})",
+        refresh.as_secs_f64(),
+        show_refreshes(others_95_usable),
+        show_refreshes(back_grant_90_fair),
+    );
     Ok(json!({
+        "refresh_s": refresh.as_secs_f64(),
+        "idle_job_drained_s": seconds(drained_at),
+        "others_serve_95pct_of_usable_refreshes": refreshes(others_95_usable),
+        "back_grant_90pct_of_fair_refreshes": refreshes(back_grant_90_fair),
         "idle_job_lowest_grant_per_s": lowest_returning,
         "others_reach_peak_grant_s": seconds(others_peak),
         "others_serve_95pct_of_peak_s": seconds(others_95_peak),
