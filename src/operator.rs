@@ -66,7 +66,8 @@ impl Parts {
     /// Wait for `stopped`, or for the first part to end, which is then an
     /// error and stops the others through `stop`. Every part gets `drain`
     /// to finish; what is still running then is aborted. `stopping` says
-    /// whether shutdown has begun: a part that ends then is no failure.
+    /// whether shutdown has begun (`stopped` resolves once it has): a part
+    /// that ends then is no failure.
     async fn supervise(
         mut self,
         stopped: impl Future<Output = ()>,
@@ -83,8 +84,7 @@ impl Parts {
                 // that stops on shutdown can end (and be joined here) in the
                 // same instant, before `stopped` is polled as ready (seen in the
                 // SIGTERM tests, about one run in six).
-                let shutting_down = stopping() || futures::poll!(&mut stopped).is_ready();
-                (!shutting_down).then_some(ended)
+                (!stopping()).then_some(ended)
             }
         };
         let failure = first.map(|ended| match ended {

@@ -202,10 +202,12 @@ impl Quota {
         }
         let job = allocation_of(&account_plan, &authorized, report)?;
         let request = lease_request(&authorized, &account_plan, job, &report.pod);
-        let grant = self.books(term, since_millis)?.book.lease(now, &request);
+        let (grant, ordinary) = {
+            let book = &mut self.books(term, since_millis)?.book;
+            let grant = book.lease(now, &request);
+            (grant, book.ordinary_refresh(request.usable.period_millis))
+        };
         self.count(&authorized.key, report);
-        let ordinary =
-            lease_book::refresh_for(account_plan.budget.period_millis, DEFAULT_REFRESH_MILLIS);
         let mut refresh_millis = grant.refresh_millis;
         // Where idle capacity is lent, a pod whose requests wait holds all it
         // was granted: it comes back sooner, to take capacity as it frees and

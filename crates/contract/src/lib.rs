@@ -167,6 +167,12 @@ pub fn idle_after(period_millis: u64) -> u64 {
     (period_millis / 2).clamp(500, 5_000)
 }
 
+/// Whether a pod with `queued` requests waiting, and nothing to do for
+/// `idle_millis`, is idle under a limit of `period_millis`: it wants nothing.
+pub fn is_idle(queued: u64, idle_millis: u64, period_millis: u64) -> bool {
+    queued == 0 && idle_millis >= idle_after(period_millis)
+}
+
 /// The least time between two lease calls of one pod that the quota API
 /// accepts. A sidecar leaves at least twice this between its calls.
 pub const MIN_RENEWAL_INTERVAL_MILLIS: u64 = 250;

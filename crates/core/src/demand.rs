@@ -30,7 +30,7 @@ use std::collections::HashMap;
 use crate::allocation::JobKey;
 
 use crate::lease_book::DEFAULT_TTL_MILLIS;
-pub use saleslayer_contract::idle_after;
+pub use saleslayer_contract::{idle_after, is_idle};
 
 /// A pod's report, as the demand book needs it.
 #[derive(Debug, Clone, Copy)]
@@ -127,10 +127,9 @@ impl DemandBook {
             .retain(|_, pod| now_millis.saturating_sub(pod.at_millis) <= horizon);
         // Without a recent report the plan had no demand for the job: any figure moves it.
         let known = job.pods.values().any(|pod| !pod.opening);
-        let opening = !job.pods.contains_key(report.pod)
-            && report.sent == 0
-            && report.queued == 0
-            && report.idle_millis < idle_after(period_millis);
+        let idle = is_idle(report.queued, report.idle_millis, period_millis);
+        let opening =
+            !job.pods.contains_key(report.pod) && report.sent == 0 && report.queued == 0 && !idle;
         // A first report (or one after a long silence) covers one period.
         let over_millis = job
             .pods
@@ -146,7 +145,7 @@ impl DemandBook {
                 over_millis,
                 queued: report.queued,
                 opening,
-                idle: report.queued == 0 && report.idle_millis >= idle_after(period_millis),
+                idle,
             },
         );
         if opening {

@@ -273,7 +273,7 @@ impl LeaseBook {
             self.due
                 .push(Reverse((expires_millis, account_id, request.job.clone())));
         }
-        let refresh = refresh_for(request.usable.period_millis, self.refresh_millis);
+        let refresh = self.ordinary_refresh(request.usable.period_millis);
         Grant {
             share,
             ttl_millis: self.ttl_millis,
@@ -283,6 +283,12 @@ impl LeaseBook {
                 refresh
             },
         }
+    }
+
+    /// The refresh a grant asks for under a limit of `period_millis` when
+    /// nothing calls for a sooner one ([`refresh_for`] with the book's maximum).
+    pub fn ordinary_refresh(&self, period_millis: u64) -> u64 {
+        refresh_for(period_millis, self.refresh_millis)
     }
 
     /// Drops the lease of `pod` of `job` at once, on every account, and hands its

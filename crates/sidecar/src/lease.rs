@@ -24,7 +24,7 @@ use crate::limits::parse_limit_file;
 use crate::metrics::{OutcomeLabel, ProxyMetrics};
 use crate::pacer::Limit;
 use saleslayer_contract::{
-    LEASES_PATH, LeaseGrant, LeaseReport, MIN_RENEWAL_INTERVAL_MILLIS, Usage, idle_after,
+    LEASES_PATH, LeaseGrant, LeaseReport, MIN_RENEWAL_INTERVAL_MILLIS, Usage, idle_after, is_idle,
 };
 use saleslayer_runtime::clock::Clock;
 
@@ -214,12 +214,10 @@ impl Renewer {
         let at = self.gate.now();
         match endpoint.renew(client, usage.clone()).await {
             Ok(grant) => {
-                let idle_after = Duration::from_millis(idle_after(grant.period_millis));
                 self.last = Some(Delivered {
                     at,
-                    idle: usage.queued == 0
-                        && Duration::from_millis(usage.idle_millis) >= idle_after,
-                    idle_after,
+                    idle: is_idle(usage.queued, usage.idle_millis, grant.period_millis),
+                    idle_after: Duration::from_millis(idle_after(grant.period_millis)),
                 });
                 self.gate.set_lease(
                     Limit {
@@ -250,8 +248,7 @@ impl Renewer {
     }
 
     /// Whether the pod changed since the last delivered report in a way the
-    /// quota API should hear of now: it turned idle, or work waits after a
-    /// report that said idle.
+    /// quota API should hear of now (see `Delivered::turned`).
     pub fn turned(&self) -> bool {
         self.last
             .is_some_and(|last| last.turned(self.gate.now(), self.gate.activity()))
