@@ -56,6 +56,14 @@ impl Quota {
         }
     }
 
+    /// [`Quota::post`], granted: the grant, or the status and body as an error.
+    async fn granted(&self, token: &str, body: Vec<u8>) -> Result<Value, String> {
+        match self.post(Some(token), body).await {
+            (200, grant) => Ok(grant),
+            (status, body) => Err(format!("{status} {body}")),
+        }
+    }
+
     /// One call exactly: its status, `Retry-After` (seconds) and body.
     async fn post_once(&self, token: Option<&str>, body: Vec<u8>) -> (u16, Option<u64>, Value) {
         let mut request = self
@@ -155,18 +163,10 @@ async fn pods_lease_with_their_own_token_only() {
     let price_token = token_for(&env, &price).await;
 
     // Wait until the operator's pod store has seen the pod.
-    let (status, grant) = eventually("a grant for import-0", || async {
-        let (status, body) = quota
-            .post(Some(&import_token), report("import-0", "product-import", 0))
-            .await;
-        if status == 200 {
-            Ok((status, body))
-        } else {
-            Err(format!("{status} {body}"))
-        }
+    let grant = eventually("a grant for import-0", || {
+        quota.granted(&import_token, report("import-0", "product-import", 0))
     })
     .await;
-    assert_eq!(status, 200);
     assert_eq!(grant["periodMillis"], 1000);
     assert_eq!(grant["ttlMillis"], 15000);
     assert_eq!(
@@ -271,14 +271,11 @@ async fn persistent_throttling_fires_and_resolves() {
     let send = |throttled| {
         let (quota, token) = (&quota, &token);
         async move {
-            let (status, body) = quota
-                .post(Some(token), report("price-0", "price-sync", throttled))
-                .await;
-            if status == 200 {
-                Ok(())
-            } else {
-                Err(format!("report refused: {status} {body}"))
-            }
+            quota
+                .granted(token, report("price-0", "price-sync", throttled))
+                .await
+                .map(|_| ())
+                .map_err(|refused| format!("report refused: {refused}"))
         }
     };
 
@@ -390,14 +387,8 @@ async fn a_pod_renewing_too_often_gets_429_too_frequent() {
         .pod("shop", "import-0", "catalog", "product-import")
         .await;
     let token = token_for(&env, &import).await;
-    eventually("a grant for import-0", || async {
-        match quota
-            .post(Some(&token), report("import-0", "product-import", 0))
-            .await
-        {
-            (200, _) => Ok(()),
-            (status, body) => Err(format!("{status} {body}")),
-        }
+    eventually("a grant for import-0", || {
+        quota.granted(&token, report("import-0", "product-import", 0))
     })
     .await;
     // Right after a grant: refused, told when to come back (whole seconds,
@@ -438,15 +429,8 @@ async fn twenty_pods_never_hold_more_than_the_usable_budget() {
     }
     // Wait until the operator's store has the last pod.
     let (last, last_job, last_token) = fleet.last().cloned().expect("pods");
-    eventually("the store has every pod", || async {
-        let (status, body) = quota
-            .post(Some(&last_token), report(&last, last_job, 0))
-            .await;
-        if status == 200 {
-            Ok(())
-        } else {
-            Err(format!("{status} {body}"))
-        }
+    eventually("the store has every pod", || {
+        quota.granted(&last_token, report(&last, last_job, 0))
     })
     .await;
 
@@ -614,14 +598,10 @@ async fn throttling_despite_pacing_lowers_the_budget_and_clean_windows_raise_it(
     let lease = |throttled: u64| {
         let (quota, token) = (&quota, &token);
         async move {
-            let (status, grant) = quota
-                .post(Some(token), report("import-0", "product-import", throttled))
-                .await;
-            if status == 200 {
-                Ok(grant["requests"].as_u64().unwrap_or(0))
-            } else {
-                Err(format!("{status} {grant}"))
-            }
+            quota
+                .granted(token, report("import-0", "product-import", throttled))
+                .await
+                .map(|grant| grant["requests"].as_u64().unwrap_or(0))
         }
     };
     eventually("the whole budget at first", || async {
