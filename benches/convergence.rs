@@ -128,9 +128,11 @@ async fn bench() -> anyhow::Result<()> {
     let requests_before = apiserver_requests(&client).await?;
     let log = out_dir.join("operator.log");
     let operator = Operator::start(&operator_bin, &plane.kubeconfig(), &log)?;
+    let cpu_before = CpuTimes::now(operator.child.id());
     let started = Instant::now();
     let expected = model.expected_all();
     let initial = initial_convergence(&observed, &expected, started).await;
+    let start_cpu = CpuTimes::now(operator.child.id()).since(&cpu_before, started.elapsed());
     let initial_rss = operator.rss();
     let initial_requests = apiserver_requests(&client).await?.since(&requests_before);
     let initial_reconciles = operator.reconciles().await;
@@ -190,6 +192,7 @@ async fn bench() -> anyhow::Result<()> {
         initial_rss,
         initial_requests,
         initial_reconciles,
+        start_cpu,
         tail,
         footprint,
         changes: runs,
@@ -417,6 +420,112 @@ fn load_average() -> String {
         .ok()
         .and_then(|l| l.split_whitespace().next().map(str::to_owned))
         .unwrap_or_else(|| "?".into())
+}
+
+/// CPU time (user + system) of the processes that share the machine during
+/// the start: the profile of where its time goes.
+struct CpuTimes {
+    apiserver: f64,
+    etcd: f64,
+    operator: f64,
+    bench: f64,
+}
+
+/// CPU seconds each used over `wall`.
+struct StartCpu {
+    wall: Duration,
+    apiserver: f64,
+    etcd: f64,
+    operator: f64,
+    bench: f64,
+}
+
+impl CpuTimes {
+    /// Now, for the operator's `pid`, this process, and the kube-apiserver
+    /// and etcd this process started (its children, by name).
+    fn now(operator: u32) -> Self {
+        let children = descendants_by_name();
+        let of = |name: &str| children.get(name).and_then(|&pid| cpu_seconds(pid));
+        Self {
+            apiserver: of("kube-apiserver").unwrap_or(0.0),
+            etcd: of("etcd").unwrap_or(0.0),
+            operator: cpu_seconds(operator).unwrap_or(0.0),
+            bench: cpu_seconds(std::process::id()).unwrap_or(0.0),
+        }
+    }
+
+    fn since(&self, before: &Self, wall: Duration) -> StartCpu {
+        StartCpu {
+            wall,
+            apiserver: self.apiserver - before.apiserver,
+            etcd: self.etcd - before.etcd,
+            operator: self.operator - before.operator,
+            bench: self.bench - before.bench,
+        }
+    }
+}
+
+fn round1(value: f64) -> f64 {
+    (value * 10.0).round() / 10.0
+}
+
+/// This process's descendants by their command name (the testenv starts
+/// etcd and the kube-apiserver under a guarding shell).
+fn descendants_by_name() -> HashMap<String, u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return HashMap::new();
+    };
+    // pid → (name, parent)
+    let table: HashMap<u32, (String, u32)> = entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let (name, fields) = proc_stat(pid)?;
+            // After the name: state, then the parent's pid.
+            let parent = fields.get(1)?.parse().ok()?;
+            Some((pid, (name, parent)))
+        })
+        .collect();
+    let me = std::process::id();
+    let descends = |mut pid: u32| {
+        for _ in 0..16 {
+            match table.get(&pid) {
+                Some((_, parent)) if *parent == me => return true,
+                Some((_, parent)) if *parent > 1 => pid = *parent,
+                _ => return false,
+            }
+        }
+        false
+    };
+    table
+        .iter()
+        .filter(|(pid, _)| descends(**pid))
+        .map(|(pid, (name, _))| (name.clone(), *pid))
+        .collect()
+}
+
+/// `/proc/<pid>/stat`: the command name, and the fields after it.
+fn proc_stat(pid: u32) -> Option<(String, Vec<String>)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let name = stat.get(open + 1..close)?.to_owned();
+    let fields = stat
+        .get(close + 1..)?
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    Some((name, fields))
+}
+
+/// User + system CPU seconds of `pid` (fields 14 and 15 of its stat, in
+/// clock ticks of 1/100 s, what Linux reports on every architecture it runs
+/// this bench on).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let (_, fields) = proc_stat(pid)?;
+    // Fields after the name start at field 3 (state): utime is 14, stime 15.
+    let ticks = |i: usize| fields.get(i - 3).and_then(|v| v.parse::<u64>().ok());
+    Some((ticks(14)? + ticks(15)?) as f64 / 100.0)
 }
 
 /// A `kB` field of `/proc/<pid>/status`, in KiB.
@@ -1115,6 +1224,8 @@ struct Report {
     initial_rss: Rss,
     initial_requests: Requests,
     initial_reconciles: Option<u64>,
+    /// Where the CPU went from the operator's start to initial convergence.
+    start_cpu: StartCpu,
     /// After the statuses converged: how long the operator went on reconciling, and how often.
     tail: Option<(Duration, u64)>,
     footprint: (usize, usize),
@@ -1187,6 +1298,16 @@ impl Report {
             "| … operator writes meanwhile; reconciles | {}; {} |",
             self.initial_requests.operator_writes(),
             count(self.initial_reconciles)
+        );
+        let cpu = &self.start_cpu;
+        println!(
+            "| … CPU meanwhile (s of CPU over {:.1} s on {} cores): kube-apiserver / etcd / operator / this bench (its watch) | {:.1} / {:.1} / {:.1} / {:.1} |",
+            cpu.wall.as_secs_f64(),
+            std::thread::available_parallelism().map_or(0, usize::from),
+            cpu.apiserver,
+            cpu.etcd,
+            cpu.operator,
+            cpu.bench
         );
         if let Some((time, reconciles)) = self.tail {
             println!(
@@ -1294,6 +1415,13 @@ impl Report {
             "rss_after_start_mib": mib(self.initial_rss.current),
             "initial_convergence_s": secs(self.initial.all),
             "initial_reconciles": self.initial_reconciles,
+            "start_cpu_s": {
+                "wall": secs(Some(self.start_cpu.wall)),
+                "kube_apiserver": round1(self.start_cpu.apiserver),
+                "etcd": round1(self.start_cpu.etcd),
+                "operator": round1(self.start_cpu.operator),
+                "bench": round1(self.start_cpu.bench),
+            },
             "changes": total_changes,
             "reconciles_per_change": self.change_reconciles.filter(|_| total_changes > 0)
                 .map(|r| ((r as f64 / total_changes as f64) * 100.0).round() / 100.0),

@@ -51,6 +51,8 @@ struct Count {
     served: u64,
     throttled: u64,
     outside_served: u64,
+    /// The account's `status.effective` as the window ends.
+    effective: u64,
 }
 
 /// Run the four variants; their figures, one JSON object each.
@@ -138,6 +140,7 @@ async fn variant(
     let early = stats(&running.simulator).await?;
     let admin = reqwest::Client::new();
     let consumers = format!("{}/admin/consumers", running.simulator);
+    let accounts = Api::<SalesLayerAccount>::all(setup.client.clone());
     let mut counts = vec![Count::default()];
     for n in 1..=windows {
         if n - 1 == phases.before || n - 1 == phases.before + phases.during {
@@ -153,10 +156,18 @@ async fn variant(
         let end = started + period * u32::try_from(n).context("window")?;
         tokio::time::sleep_until(end.into()).await;
         let now = stats(&running.simulator).await?;
+        let effective = accounts
+            .get_status("acme-prod")
+            .await
+            .context("reading the account's status")?
+            .status
+            .and_then(|status| status.effective)
+            .map_or(0, |effective| u64::from(effective.requests));
         counts.push(Count {
             served: now.accepted.saturating_sub(early.accepted),
             throttled: now.throttled.saturating_sub(early.throttled),
             outside_served: now.outside.accepted.saturating_sub(early.outside.accepted),
+            effective,
         });
     }
     let measured = window.measure(&running, &early, started).await?;
@@ -167,11 +178,17 @@ async fn variant(
             .map(|i| what(&counts[i + 1]) - what(&counts[i]))
             .collect()
     };
+    let effective: Vec<u64> = (phases.before.saturating_sub(2)
+        ..(phases.before + 15).min(counts.len() - 1))
+        .map(|i| counts[i + 1].effective)
+        .collect();
     println!(
-        "  {name}: windows {}.. around the consumer's start: served {:?}, throttled {:?}",
+        "  {name}: windows {}.. around the consumer's start: served {:?}, throttled {:?}, \
+         the account's effective at each end {:?}",
         phases.before.saturating_sub(2),
         per_window(|c| c.served),
-        per_window(|c| c.throttled)
+        per_window(|c| c.throttled),
+        effective
     );
     Ok(report(&measured, &figures, period))
 }

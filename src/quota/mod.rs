@@ -41,6 +41,7 @@ use axum::routing::post;
 use kube::runtime::reflector::ObjectRef;
 use saleslayer_contract::{LEASES_PATH, LeaseGrant, LeaseReport};
 use saleslayer_core::account::ValidatedAccount;
+use saleslayer_core::adaptation::WindowCounts;
 use saleslayer_core::allocation::{JobAllocation, JobKey};
 use saleslayer_core::demand;
 use saleslayer_core::lease_book::{self, DEFAULT_REFRESH_MILLIS, LeaseBook, LeaseRequest};
@@ -459,13 +460,12 @@ pub fn record(
         });
     let account = &authorized.account;
     let account_throttled = reports.accounts.lock().is_ok_and(|mut accounts| {
-        accounts.report(
-            &account.name,
-            report.usage.requests,
-            report.usage.throttled,
-            account.window_of(now),
-            now,
-        )
+        let reported = WindowCounts {
+            sent: report.usage.requests,
+            throttled: report.usage.throttled,
+            held_back: report.usage.held_back,
+        };
+        accounts.report(&account.name, reported, account.window_of(now), now)
     });
     Recorded {
         throttling_changed,
@@ -754,6 +754,7 @@ mod tests {
             peak_concurrency: u64::MAX,
             queued: u64::MAX,
             idle_millis: u64::MAX,
+            held_back: u64::MAX,
         };
         let now = wall_millis();
         for call in 0..3 {

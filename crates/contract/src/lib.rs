@@ -154,6 +154,12 @@ pub struct Usage {
     /// whatever it sent earlier in the interval this report covers.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub idle_millis: u64,
+    /// Sends the pod's grant allowed while throttled answers held its whole
+    /// gate, which it therefore did not make: the grant's rate times the time
+    /// held. A 429 costs a pod far more than the one refused request, and the
+    /// account's adaptation counts both to size its cut (DESIGN.md §3a).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub held_back: u64,
 }
 
 fn is_zero(value: &u64) -> bool {

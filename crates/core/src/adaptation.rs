@@ -10,12 +10,20 @@
 //! windows the pods need to follow a new budget (one lease refresh). So:
 //! - the first throttled response of a window lowers `effective` at once
 //!   (once per window) to what got through: `effective × (1 − f)` less one
-//!   request, where `f` is the throttled share of what the pods reported
-//!   sending over the last `settle` windows. `decreasePercent` bounds the cut
-//!   (`effective × (100 − decreasePercent) / 100` at the least), one request
-//!   is the smallest cut, and `minPercent` of usable the floor. Cutting by the
-//!   measured excess instead of always by `decreasePercent` is what lets the
-//!   account use what the outside consumer leaves (issue 13's ≥ 90 %);
+//!   request, where `f` is the excess share of what the pods' grants offered
+//!   over the last `settle` windows. The excess is the throttled answers
+//!   plus the sends their holds kept back (`Usage::held_back`): a sidecar
+//!   holds its whole gate after a 429, so one refused request stands for a
+//!   whole pause of the pod, and the 429s alone show a fraction of the
+//!   excess. `decreasePercent` bounds the cut (`effective × (100 −
+//!   decreasePercent) / 100` at the least), one request is the smallest cut,
+//!   and `minPercent` of usable the floor. Cutting by the measured excess
+//!   instead of always by `decreasePercent` is what lets the account use
+//!   what the outside consumer leaves (issue 13's ≥ 90 %);
+//! - when that window ends, the cut is sized again on all its reports alone
+//!   (the windows before it were clean and would dilute the excess; a
+//!   window's reports cover about a window of sending however they fall):
+//!   lower if they show more excess, never higher, and so the ceiling;
 //! - the `settle` windows after a decrease are the pods still sending under
 //!   their older, larger grants: their throttling neither lowers again nor
 //!   do they raise (TCP's one decrease per round trip);
@@ -37,8 +45,8 @@
 //! let mut state = Adaptation::start(40, 40, 100);
 //! // In window 100 the pods sent 40 and 5 were throttled: 35 got through.
 //! let counts = |window: u64| match window {
-//!     100 => WindowCounts { sent: 40, throttled: 5 },
-//!     _ => WindowCounts { sent: 34, throttled: 0 },
+//!     100 => WindowCounts { sent: 40, throttled: 5, held_back: 0 },
+//!     _ => WindowCounts { sent: 34, throttled: 0, held_back: 0 },
 //! };
 //! state.step(&policy, 40, 100, 1, counts);
 //! assert_eq!(state.effective(), 34); // what got through, less one
@@ -62,6 +70,27 @@ pub struct WindowCounts {
     pub sent: u64,
     /// Of those, answers that were throttling.
     pub throttled: u64,
+    /// Sends the pods' grants allowed while a throttled answer held their
+    /// gates (`Usage::held_back`): excess that never reached Sales Layer.
+    pub held_back: u64,
+}
+
+impl WindowCounts {
+    /// What got through, as a share of what the pods' grants offered
+    /// (sent, plus held back): `(through, offered)`, offered at least 1.
+    fn through(self) -> (u64, u64) {
+        let excess = self.throttled.saturating_add(self.held_back);
+        let offered = self.sent.saturating_add(self.held_back).max(excess).max(1);
+        (offered - excess, offered)
+    }
+
+    fn add(self, other: Self) -> Self {
+        Self {
+            sent: self.sent.saturating_add(other.sent),
+            throttled: self.throttled.saturating_add(other.throttled),
+            held_back: self.held_back.saturating_add(other.held_back),
+        }
+    }
 }
 
 /// A level that was throttled, and the window until which the budget stays
@@ -70,6 +99,13 @@ pub struct WindowCounts {
 struct Ceiling {
     level: u32,
     until: u64,
+}
+
+/// The last decrease: the window it came in, and the budget before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Cut {
+    window: u64,
+    level: u32,
 }
 
 /// One account's adaptation, as of a window.
@@ -83,6 +119,7 @@ pub struct Adaptation {
     /// Windows before this one settle the last decrease.
     settled_from: u64,
     ceiling: Option<Ceiling>,
+    cut: Option<Cut>,
 }
 
 impl Adaptation {
@@ -95,6 +132,7 @@ impl Adaptation {
             decreased: false,
             settled_from: 0,
             ceiling: None,
+            cut: None,
         }
     }
 
@@ -148,6 +186,9 @@ impl Adaptation {
                     self.increase(policy, usable, window, 1);
                 }
             }
+            if self.cut.is_some_and(|cut| cut.window == window) {
+                self.resize(policy, floor, counts(window));
+            }
             self.decreased = false;
             let remembered = now_window.saturating_sub(REMEMBERED_WINDOWS as u64);
             if self.window + 1 < remembered {
@@ -173,8 +214,9 @@ impl Adaptation {
         !self.decreased && window >= self.settled_from
     }
 
-    /// Lower the budget in `window` to what got through, within the
-    /// policy's bounds; remember the throttled level and settle.
+    /// Lower the budget in `window` (at once: the window is still going)
+    /// to what got through by the reports of the last `settle` windows,
+    /// within the policy's bounds; remember the throttled level and settle.
     fn decrease(
         &mut self,
         policy: &AdaptivePolicy,
@@ -183,27 +225,63 @@ impl Adaptation {
         settle: u64,
         counts: &impl Fn(u64) -> WindowCounts,
     ) {
-        let (sent, throttled) = (window.saturating_sub(settle - 1)..=window)
+        let seen = (window.saturating_sub(settle - 1)..=window)
             .map(counts)
-            .fold((0u64, 0u64), |(s, t), c| {
-                (s.saturating_add(c.sent), t.saturating_add(c.throttled))
-            });
-        let sent = sent.max(throttled).max(1);
+            .fold(WindowCounts::default(), WindowCounts::add);
         let level = self.effective;
-        let through = u64::from(level) * (sent - throttled) / sent;
+        self.cut = Some(Cut { window, level });
+        self.ceiling = None;
+        self.settled_from = window.saturating_add(1 + settle);
+        self.lower_to(policy, floor, level, seen, window);
+    }
+
+    /// Size the cut again once its window ended, on all that window's
+    /// reports: the excess of that one window, when the pods all still
+    /// sent at the level that was cut (the windows before it were clean, and
+    /// a report covers about a window's sending however they fall). Lowers
+    /// further, and the ceiling with it, when it shows more excess; never
+    /// raises either (the window was throttled, and the first estimate saw
+    /// an edge there).
+    fn resize(&mut self, policy: &AdaptivePolicy, floor: u32, counts: WindowCounts) {
+        if let Some(cut) = self.cut {
+            self.lower_to(policy, floor, cut.level, counts, cut.window);
+        }
+    }
+
+    /// Lower to what `counts` say got through at `level`, less one request:
+    /// at most `decreasePercent` off `level`, at least one request, never
+    /// below the floor nor above the budget now. The ceiling is what got
+    /// through, held for `holdWindows` after `window`.
+    fn lower_to(
+        &mut self,
+        policy: &AdaptivePolicy,
+        floor: u32,
+        level: u32,
+        counts: WindowCounts,
+        window: u64,
+    ) {
+        let (through, offered) = counts.through();
+        let through = u64::from(level) * through / offered;
         let through = u32::try_from(through).unwrap_or(level);
         let lowered = through
             .saturating_sub(1)
             .max(bounded_decrease(policy, level))
             .min(level.saturating_sub(1))
             .max(floor);
-        self.effective = lowered;
-        // What got through is the limit's edge: the hold stays one below it.
+        self.effective = self.effective.min(lowered);
+        // What got through is the limit's edge: the hold stays one below it,
+        // and below the lowest edge any estimate of this cut showed.
+        let mut level = through.max(self.effective.saturating_add(1));
+        if let Some(ceiling) = self
+            .ceiling
+            .filter(|_| self.cut.is_some_and(|c| c.window == window))
+        {
+            level = level.min(ceiling.level);
+        }
         self.ceiling = Some(Ceiling {
-            level: through.max(lowered.saturating_add(1)),
+            level,
             until: window.saturating_add(1 + u64::from(policy.hold_windows)),
         });
-        self.settled_from = window.saturating_add(1 + settle);
     }
 
     /// `clean` clean windows from `window` on: `increasePerWindow` each, up
@@ -249,29 +327,27 @@ pub struct AccountThrottling {
 }
 
 impl AccountThrottling {
-    /// Count a report of `sent` requests, `throttled` of them throttled, on
-    /// `account` at `now_millis` in `window`; true when this made the window
-    /// throttled (its first such report).
+    /// Count a report (`reported`: what one pod sent, had throttled and held
+    /// back) on `account` at `now_millis` in `window`; true when this made
+    /// the window throttled (its first such report).
     pub fn report(
         &mut self,
         account: &str,
-        sent: u64,
-        throttled: u64,
+        reported: WindowCounts,
         window: u64,
         now_millis: u64,
     ) -> bool {
-        if sent == 0 && throttled == 0 {
+        if reported == WindowCounts::default() {
             return false;
         }
-        if throttled > 0 {
+        if reported.throttled > 0 {
             self.last_throttled_millis
                 .insert(account.to_owned(), now_millis);
         }
         let windows = self.windows.entry(account.to_owned()).or_default();
         let counts = windows.entry(window).or_default();
-        let first = counts.throttled == 0 && throttled > 0;
-        counts.sent = counts.sent.saturating_add(sent);
-        counts.throttled = counts.throttled.saturating_add(throttled);
+        let first = counts.throttled == 0 && reported.throttled > 0;
+        *counts = counts.add(reported);
         while windows.len() > REMEMBERED_WINDOWS {
             windows.pop_first();
         }
@@ -336,6 +412,7 @@ mod tests {
     fn reports(sent: u64, throttled: u64, throttled_in: &[u64]) -> impl Fn(u64) -> WindowCounts {
         let throttled_in = throttled_in.to_vec();
         move |w| WindowCounts {
+            held_back: 0,
             sent,
             throttled: if throttled_in.contains(&w) {
                 throttled
@@ -374,6 +451,52 @@ mod tests {
         // Throttled answers with nothing reported sent count as all throttled.
         let mut state = Adaptation::start(40, 40, 0);
         state.step(&policy(), 40, 0, 1, reports(0, 3, &[0]));
+        assert_eq!(state.effective(), 28);
+    }
+
+    #[test]
+    fn sends_held_back_count_as_excess() {
+        // 37 sent, 1 throttled, and the holds after it kept 4 sends back:
+        // 36 of the 41 offered got through, 40 × 36/41 = 35.
+        let mut state = Adaptation::start(40, 40, 0);
+        state.step(&policy(), 40, 0, 1, |_| pod(37, 1, 4));
+        assert_eq!((state.effective(), state.ceiling()), (34, Some(35)));
+        // Counting only the 429: 40 × 36/37 = 38, a cut of two.
+        let mut state = Adaptation::start(40, 40, 0);
+        state.step(&policy(), 40, 0, 1, |_| pod(37, 1, 0));
+        assert_eq!(state.effective(), 37);
+    }
+
+    #[test]
+    fn a_cut_is_sized_again_on_its_whole_window_once_it_ends() {
+        let seen = std::cell::RefCell::new(BTreeMap::from([(9, pod(40, 0, 0))]));
+        let counts = |w: u64| seen.borrow().get(&w).copied().unwrap_or_default();
+        // The first throttled report of window 10, at once: windows 9 and
+        // 10 so far show 1 of 44 offered throttled.
+        seen.borrow_mut().insert(10, pod(3, 1, 1));
+        let mut state = Adaptation::start(40, 40, 10);
+        state.step(&policy(), 40, 10, 2, counts);
+        assert_eq!(state.effective(), 37, "40 × 42/44 = 38, less one");
+        // When window 10 ends, all of it: 38 sent, 2 throttled, 4 held back.
+        seen.borrow_mut().insert(10, pod(38, 2, 4));
+        state.step(&policy(), 40, 11, 2, counts);
+        assert_eq!(
+            (state.effective(), state.ceiling()),
+            (33, Some(34)),
+            "40 × 36/42 = 34 got through"
+        );
+
+        // A whole window with less excess than its first report raises
+        // neither the budget nor its ceiling: the first report saw the edge.
+        seen.borrow_mut().insert(20, pod(2, 1, 2));
+        let mut state = Adaptation::start(40, 40, 20);
+        state.step(&policy(), 40, 20, 1, counts);
+        assert_eq!(state.effective(), 28, "3 of 4 offered: −30 % at most");
+        seen.borrow_mut().insert(20, pod(40, 1, 2));
+        state.step(&policy(), 40, 21, 1, counts);
+        assert_eq!((state.effective(), state.ceiling()), (28, Some(29)));
+        // Clean windows hold one below it until the hold ends.
+        state.step(&policy(), 40, 40, 1, counts);
         assert_eq!(state.effective(), 28);
     }
 
@@ -424,6 +547,7 @@ mod tests {
             state.step(&policy(), 40, window, 1, |_| WindowCounts {
                 sent: 10,
                 throttled: 10,
+                held_back: 0,
             });
         }
         assert_eq!(state.effective(), floor_of(&policy(), 40));
@@ -462,33 +586,37 @@ mod tests {
         assert_eq!(floor_of(&policy(), 1), 1);
     }
 
+    /// One pod's report: `sent`, `throttled` of them throttled, and
+    /// `held_back` sends its holds kept back.
+    fn pod(sent: u64, throttled: u64, held_back: u64) -> WindowCounts {
+        WindowCounts {
+            sent,
+            throttled,
+            held_back,
+        }
+    }
+
     #[test]
     fn account_throttling_counts_runs_of_windows() {
         let mut book = AccountThrottling::default();
-        assert!(book.report("acme", 10, 2, 10, 100_000));
+        assert!(book.report("acme", pod(10, 2, 3), 10, 100_000));
         assert!(
-            !book.report("acme", 5, 1, 10, 100_500),
+            !book.report("acme", pod(5, 1, 0), 10, 100_500),
             "the window was already throttled"
         );
-        assert_eq!(
-            book.counts("acme", 10),
-            WindowCounts {
-                sent: 15,
-                throttled: 3
-            }
-        );
+        assert_eq!(book.counts("acme", 10), pod(15, 3, 3));
         assert!(
-            !book.report("acme", 8, 0, 11, 110_000),
+            !book.report("acme", pod(8, 0, 0), 11, 110_000),
             "a clean report marks nothing"
         );
-        assert!(book.report("acme", 0, 1, 11, 111_000));
+        assert!(book.report("acme", pod(0, 1, 0), 11, 111_000));
         assert_eq!(book.run("acme", 11), 2);
         assert_eq!(book.run("acme", 12), 2, "the current window has none yet");
         assert_eq!(book.run("acme", 13), 0);
         assert_eq!(book.run("other", 11), 0);
         assert_eq!(book.last_throttled_millis("acme"), Some(111_000));
         for window in 100..300 {
-            book.report("acme", 1, 1, window, 0);
+            book.report("acme", pod(1, 1, 0), window, 0);
         }
         assert!(!book.throttled("acme", 100), "old windows are forgotten");
         assert!(book.throttled("acme", 299));
@@ -506,7 +634,7 @@ mod tests {
             min_percent in 1u32..=100,
             settle in 1u64..6,
             hold in 0u32..40,
-            steps in proptest::collection::vec((0u64..4, any::<bool>(), 0u64..100, 0u64..100), 1..60),
+            steps in proptest::collection::vec((0u64..4, any::<bool>(), 0u64..100, 0u64..100, 0u64..100), 1..60),
         ) {
             let policy = AdaptivePolicy {
                 enabled: true,
@@ -520,11 +648,11 @@ mod tests {
             let mut windows: BTreeMap<u64, WindowCounts> = BTreeMap::new();
             let mut throttled_windows = BTreeSet::new();
             let mut now = 0u64;
-            for (advance, throttled_now, sent, throttled) in steps {
+            for (advance, throttled_now, sent, throttled, held_back) in steps {
                 now += advance;
                 if throttled_now {
                     throttled_windows.insert(now);
-                    windows.insert(now, WindowCounts { sent, throttled: throttled.max(1) });
+                    windows.insert(now, WindowCounts { sent, throttled: throttled.max(1), held_back });
                 }
                 let before = state.effective();
                 let window_before = state.window();

@@ -37,6 +37,9 @@ struct State {
     usage: Usage,
     /// No attempt starts before this instant (after a throttled answer).
     held_until: Duration,
+    /// Sends the holds since the last report kept back, in thousandths (the
+    /// fraction carries over to the next report).
+    held_back_milli: u64,
     /// The last instant the gate had work: a request waiting, starting or
     /// in flight (the gate's creation, before any).
     busy_at: Duration,
@@ -116,6 +119,7 @@ impl Gate {
                 waiting: 0,
                 usage: Usage::default(),
                 held_until: Duration::ZERO,
+                held_back_milli: 0,
                 busy_at,
             }),
             changed: Notify::new(),
@@ -209,6 +213,8 @@ impl Gate {
         );
         usage.queued = state.waiting as u64;
         usage.idle_millis = idle_millis;
+        usage.held_back = state.held_back_milli / 1_000;
+        state.held_back_milli %= 1_000;
         usage
     }
 
@@ -241,6 +247,9 @@ impl Gate {
             let kept = usage.by_status.entry(status).or_default();
             *kept = kept.saturating_add(count);
         }
+        state.held_back_milli = state
+            .held_back_milli
+            .saturating_add(undelivered.held_back.saturating_mul(1_000));
     }
 
     /// A lease granted `limit` for `ttl` from now.
@@ -250,10 +259,20 @@ impl Gate {
         self.changed.notify_waiters();
     }
 
-    /// The upstream throttled: start no attempt for `wait` from now.
+    /// The upstream throttled: start no attempt for `wait` from now. What
+    /// the hold adds to one already running counts as held back at the
+    /// grant's rate.
     pub fn hold(&self, wait: Duration) {
-        let until = self.clock.now().saturating_add(wait);
+        let now = self.clock.now();
+        let until = now.saturating_add(wait);
         let mut state = self.state();
+        let added = until.saturating_sub(state.held_until.max(now));
+        let (limit, _) = state.limits.current(now);
+        let held_back_milli =
+            u128::from(limit.requests) * added.as_micros() / u128::from(limit.period_millis.max(1));
+        state.held_back_milli = state
+            .held_back_milli
+            .saturating_add(u64::try_from(held_back_milli).unwrap_or(u64::MAX));
         state.held_until = state.held_until.max(until);
     }
 
@@ -408,6 +427,27 @@ mod tests {
         assert_eq!(next.by_status.get("503"), Some(&1));
     }
 
+    #[test]
+    fn a_hold_counts_the_sends_it_keeps_back_at_the_grants_rate() {
+        let clock = ManualClock::default();
+        // 10 per second: a hold of 250 ms keeps 2.5 sends back.
+        let gate = Gate::new(Arc::new(clock.clone()), Limits::new(limit(10, 4)), 8);
+        gate.hold(Duration::from_millis(250));
+        // Within the running hold: only what it adds counts.
+        gate.hold(Duration::from_millis(100));
+        gate.hold(Duration::from_millis(300));
+        assert_eq!(gate.take_usage().held_back, 3, "300 ms at 10/s");
+        clock.advance(Duration::from_secs(1));
+        gate.hold(Duration::from_millis(50));
+        assert_eq!(gate.take_usage().held_back, 0, "0.5 carries over");
+        clock.advance(Duration::from_secs(1));
+        gate.hold(Duration::from_millis(50));
+        let lost = gate.take_usage();
+        assert_eq!(lost.held_back, 1, "the two halves make one");
+        gate.restore_usage(lost);
+        assert_eq!(gate.take_usage().held_back, 1, "undelivered rides along");
+    }
+
     #[tokio::test]
     async fn a_hold_delays_every_attempt_until_it_ends() {
         let clock = ManualClock::default();
@@ -441,6 +481,7 @@ mod tests {
             peak_concurrency: u64::MAX,
             queued: u64::MAX,
             idle_millis: u64::MAX,
+            held_back: u64::MAX,
         };
         gate.restore_usage(huge.clone());
         gate.restore_usage(huge);
