@@ -173,15 +173,15 @@ async fn variant(
     let measured = window.measure(&running, &early, started).await?;
     running.stop();
     let figures = Figures::of(&counts, phases, period);
+    // The windows shown: from two before the consumer's start, fifteen on.
+    let shown = phases.before.saturating_sub(2)..(phases.before + 15).min(counts.len() - 1);
     let per_window = |what: fn(&Count) -> u64| -> Vec<u64> {
-        (phases.before.saturating_sub(2)..(phases.before + 15).min(counts.len() - 1))
+        shown
+            .clone()
             .map(|i| what(&counts[i + 1]) - what(&counts[i]))
             .collect()
     };
-    let effective: Vec<u64> = (phases.before.saturating_sub(2)
-        ..(phases.before + 15).min(counts.len() - 1))
-        .map(|i| counts[i + 1].effective)
-        .collect();
+    let effective: Vec<u64> = shown.clone().map(|i| counts[i + 1].effective).collect();
     println!(
         "  {name}: windows {}.. around the consumer's start: served {:?}, throttled {:?}, \
          the account's effective at each end {:?}",

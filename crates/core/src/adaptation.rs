@@ -271,11 +271,9 @@ impl Adaptation {
         self.effective = self.effective.min(lowered);
         // What got through is the limit's edge: the hold stays one below it,
         // and below the lowest edge any estimate of this cut showed.
+        // (A decrease clears the ceiling, so one still here is this cut's.)
         let mut level = through.max(self.effective.saturating_add(1));
-        if let Some(ceiling) = self
-            .ceiling
-            .filter(|_| self.cut.is_some_and(|c| c.window == window))
-        {
+        if let Some(ceiling) = self.ceiling {
             level = level.min(ceiling.level);
         }
         self.ceiling = Some(Ceiling {
@@ -411,14 +409,16 @@ mod tests {
     /// `sent` a window, `throttled` of them in the windows of `throttled_in`.
     fn reports(sent: u64, throttled: u64, throttled_in: &[u64]) -> impl Fn(u64) -> WindowCounts {
         let throttled_in = throttled_in.to_vec();
-        move |w| WindowCounts {
-            held_back: 0,
-            sent,
-            throttled: if throttled_in.contains(&w) {
-                throttled
-            } else {
-                0
-            },
+        move |w| {
+            pod(
+                sent,
+                if throttled_in.contains(&w) {
+                    throttled
+                } else {
+                    0
+                },
+                0,
+            )
         }
     }
 
@@ -544,11 +544,7 @@ mod tests {
     fn never_below_the_floor_nor_above_usable() {
         let mut state = Adaptation::start(40, 40, 0);
         for window in 0..40 {
-            state.step(&policy(), 40, window, 1, |_| WindowCounts {
-                sent: 10,
-                throttled: 10,
-                held_back: 0,
-            });
+            state.step(&policy(), 40, window, 1, |_| pod(10, 10, 0));
         }
         assert_eq!(state.effective(), floor_of(&policy(), 40));
         assert_eq!(state.effective(), 10);
