@@ -72,8 +72,8 @@ demo: testenv-node image
 demo-down:
 	scripts/demo.sh down
 
-## On a running demo: someone outside the cluster takes 15 of the account's
-## 50 requests per 10 s for a minute; the account's effective budget adapts.
+## On a running demo: Sales Layer lowers the account's limit from 50 to 35
+## requests per 10 s for a minute; the account's effective budget adapts.
 demo-adapt:
 	scripts/demo.sh adapt
 

@@ -8,8 +8,8 @@
 # kubelet) puts the stand-in on localhost:18090 and the operator's /metrics
 # on localhost:18080.
 #   scripts/demo.sh up     (make demo)
-#   scripts/demo.sh adapt  (make demo-adapt): an outside consumer takes part
-#                          of the account; the budget adapts, then recovers
+#   scripts/demo.sh adapt  (make demo-adapt): Sales Layer lowers the
+#                          account's limit; the budget adapts, then recovers
 #   scripts/demo.sh down   (make demo-down): stops the forwards and the node;
 #                          its janitor removes every process, mount,
 #                          namespace and cgroup it made
@@ -137,21 +137,25 @@ EOF
   echo "Stop it with: make demo-down"
 }
 
-# `make demo-adapt`: someone outside the cluster starts using the account
-# (the stand-in's outside consumer, 15 of the 50 requests per 10 s), so the
-# paced pods get throttled; the account's effective budget drops until the
-# throttling stops, then the consumer leaves; the budget holds, then climbs back.
+# `make demo-adapt`: Sales Layer lowers the account's limit from 50 to 35
+# requests per 10 s (a vendor limit lower than the account says, one of the
+# causes §3b lists), so the paced pods get throttled; the account's effective
+# budget drops until the throttling stops. Then the limit is back at 50; the
+# budget holds below what got through, then climbs back. (An evenly spread
+# outside consumer of the stand-in, `/admin/consumers`, shows no adaptation
+# here: at the 10 s period the paced pods keep their places in the window and
+# the consumer gets the 429s, so nothing throttles the pods.)
 adapt() {
   running node || { echo "demo: not running (make demo starts it)" >&2; exit 1; }
-  consumer() {
+  limit() {
+    echo "\$ curl -X PUT localhost:18090/admin/limit -d '{\"requests\": $1}'"
     curl -sf -X PUT -H 'Content-Type: application/json' \
-      -d "{\"key\": \"acme-prod\", \"requests\": $1}" localhost:18090/admin/consumers
+      -d "{\"requests\": $1}" localhost:18090/admin/limit
     echo
   }
   show kubectl get sla acme-prod
   echo
-  echo "\$ curl -X PUT localhost:18090/admin/consumers -d '{\"key\": \"acme-prod\", \"requests\": 15}'"
-  consumer 15
+  limit 35
   sleep 60
   show kubectl get sla acme-prod
   show kubectl get events -n shop --field-selector involvedObject.kind=SalesLayerIntegration \
@@ -159,8 +163,7 @@ adapt() {
   show curl -s localhost:18090/stats
   echo
   echo
-  echo "\$ curl -X PUT localhost:18090/admin/consumers -d '{\"key\": \"acme-prod\", \"requests\": 0}'"
-  consumer 0
+  limit 50
   sleep 60
   show kubectl get sla acme-prod
   echo
