@@ -431,13 +431,10 @@ struct CpuTimes {
     bench: f64,
 }
 
-/// CPU seconds each used over `wall`.
+/// The CPU seconds each used over `wall`.
 struct StartCpu {
     wall: Duration,
-    apiserver: f64,
-    etcd: f64,
-    operator: f64,
-    bench: f64,
+    used: CpuTimes,
 }
 
 impl CpuTimes {
@@ -457,10 +454,12 @@ impl CpuTimes {
     fn since(&self, before: &Self, wall: Duration) -> StartCpu {
         StartCpu {
             wall,
-            apiserver: self.apiserver - before.apiserver,
-            etcd: self.etcd - before.etcd,
-            operator: self.operator - before.operator,
-            bench: self.bench - before.bench,
+            used: Self {
+                apiserver: self.apiserver - before.apiserver,
+                etcd: self.etcd - before.etcd,
+                operator: self.operator - before.operator,
+                bench: self.bench - before.bench,
+            },
         }
     }
 }
@@ -1299,10 +1298,10 @@ impl Report {
             self.initial_requests.operator_writes(),
             count(self.initial_reconciles)
         );
-        let cpu = &self.start_cpu;
+        let (wall, cpu) = (self.start_cpu.wall, &self.start_cpu.used);
         println!(
             "| … CPU meanwhile (s of CPU over {:.1} s on {} cores): kube-apiserver / etcd / operator / this bench (its watch) | {:.1} / {:.1} / {:.1} / {:.1} |",
-            cpu.wall.as_secs_f64(),
+            wall.as_secs_f64(),
             std::thread::available_parallelism().map_or(0, usize::from),
             cpu.apiserver,
             cpu.etcd,
@@ -1388,7 +1387,7 @@ impl Report {
     /// The headline figures as one JSON object, to compare runs by machine.
     fn bench_line(&self) -> serde_json::Value {
         let secs = |d: Option<Duration>| d.map(|d| (d.as_secs_f64() * 100.0).round() / 100.0);
-        let mib = |b: u64| (b as f64 / (1024.0 * 1024.0) * 10.0).round() / 10.0;
+        let mib = |b: u64| round1(b as f64 / (1024.0 * 1024.0));
         let total_changes: usize = self.changes.0.values().map(Vec::len).sum();
         let mut per_kind = serde_json::Map::new();
         for (kind, samples) in &self.changes.0 {
@@ -1417,10 +1416,10 @@ impl Report {
             "initial_reconciles": self.initial_reconciles,
             "start_cpu_s": {
                 "wall": secs(Some(self.start_cpu.wall)),
-                "kube_apiserver": round1(self.start_cpu.apiserver),
-                "etcd": round1(self.start_cpu.etcd),
-                "operator": round1(self.start_cpu.operator),
-                "bench": round1(self.start_cpu.bench),
+                "kube_apiserver": round1(self.start_cpu.used.apiserver),
+                "etcd": round1(self.start_cpu.used.etcd),
+                "operator": round1(self.start_cpu.used.operator),
+                "bench": round1(self.start_cpu.used.bench),
             },
             "changes": total_changes,
             "reconciles_per_change": self.change_reconciles.filter(|_| total_changes > 0)
